@@ -1,0 +1,55 @@
+# dan-layers developer commands. Everything installs into .venv; nothing global.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The CPU build of torch: an exact pin, so pip takes the local CPU wheel instead of
+# a multi-GB CUDA build. The package itself only asks for torch>=2.1.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help venv install test test-fast demo docs bench wheel lint clean
+
+help:
+	@echo "make test   - create .venv, install, run the whole test suite"
+	@echo "make demo   - train + evaluate DAN on the built-in synthetic faces (runs/demo/)"
+	@echo "make docs   - build the documentation site with mkdocs --strict (site/)"
+	@echo "make bench  - run the CPU benchmarks (benchmarks/results/)"
+	@echo "make wheel  - build the wheel into dist/"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[test,examples,export,docs]"
+	@touch $(STAMP)
+
+venv install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests dan_layers examples $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests dan_layers -m "not slow" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) examples/train_dan.py --preset demo --out runs/demo
+
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --clean
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+wheel: $(STAMP)
+	$(PIP) install --quiet build
+	$(PY) -m build --wheel --outdir dist .
+
+lint: $(STAMP)
+	$(PIP) install --quiet ruff
+	$(PY) -m ruff check dan_layers tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) build dist site .pytest_cache .hypothesis runs

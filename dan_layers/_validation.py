@@ -1,0 +1,97 @@
+"""Input checks shared by the functions and modules of dan-layers.
+
+Every check raises :class:`ValueError` with a message of the form
+``"<what>: expected <...>, got <...>"``. Checks on shapes, dtypes and devices
+read only static metadata and are free under ``torch.compile(fullgraph=True)``.
+The one data-dependent check (labels in range) reads tensor values: in eager
+mode it raises ``ValueError`` naming the offending label; while being compiled
+it becomes a device-side assertion (``torch._assert_async``), which keeps the
+graph whole and fails with ``RuntimeError`` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__: list[str] = []  # private module
+
+REDUCTIONS = ("mean", "sum", "none")
+PARTITION_VARIANTS = ("paper", "official")
+
+
+def is_compiling() -> bool:
+    """Whether the caller is being traced by ``torch.compile`` / ``torch.export``."""
+    return torch.compiler.is_compiling()
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    """Raise if ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def check_ndim(x: torch.Tensor, name: str, ndims: Sequence[int], layout: str) -> None:
+    """Raise if ``x.ndim`` is not in ``ndims``; ``layout`` describes the expected shape."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor of shape {layout}, got {type(x).__name__}")
+    if x.ndim not in ndims:
+        raise ValueError(f"{name}: expected a tensor of shape {layout}, got shape {tuple(x.shape)}")
+
+
+def check_floating(x: torch.Tensor, name: str) -> None:
+    """Raise if ``x`` is not a floating-point tensor."""
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+
+
+def check_size(x: torch.Tensor, dim: int, expected: int, name: str, what: str) -> None:
+    """Raise if ``x.shape[dim] != expected``."""
+    if x.shape[dim] != expected:
+        raise ValueError(
+            f"{name}: expected {what} = {expected} (size of dim {dim}), "
+            f"got {x.shape[dim]} in shape {tuple(x.shape)}"
+        )
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """Raise if the given tensors do not all live on one device."""
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"expected all tensors on one device, got {listing}")
+
+
+def check_labels(labels: torch.Tensor, batch: int, num_classes: int) -> None:
+    """Check integer labels of shape ``(batch,)`` with values in ``[0, num_classes)``."""
+    check_ndim(labels, "labels", (1,), "(B,)")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels: expected an integer tensor, got dtype {labels.dtype}")
+    if labels.shape[0] != batch:
+        raise ValueError(
+            f"labels: expected one label per sample, {batch} for a batch of {batch} features, "
+            f"got {labels.shape[0]}"
+        )
+    in_range = (labels >= 0) & (labels < num_classes)
+    if is_compiling():
+        torch._assert_async(in_range.all(), "labels: expected values in [0, num_classes)")
+        return
+    if labels.numel() > 0 and not bool(in_range.all()):
+        bad = labels[~in_range][0].item()
+        raise ValueError(f"labels: expected values in [0, {num_classes}), got label {bad}")
+
+
+def check_batchnorm_batch(batch: int, training: bool, where: str, per_channel: int = 1) -> None:
+    """Raise the trap of BatchNorm in train mode: one value per channel has no variance."""
+    if training and batch * per_channel <= 1:
+        raise ValueError(
+            f"{where}: a BatchNorm layer in train mode needs more than one value per channel, "
+            f"expected a batch of at least 2, got {batch}; call .eval() for single samples"
+        )
+
+
+def check_positive(name: str, value: int) -> None:
+    """Raise if an integer hyperparameter is not positive."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
