@@ -17,6 +17,7 @@ help:
 	@echo "make docs   - build the documentation site with mkdocs --strict (site/)"
 	@echo "make bench  - run the CPU benchmarks (benchmarks/results/)"
 	@echo "make wheel  - build the wheel into dist/"
+	@echo "make lint   - ruff + mypy on the library"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,8 +49,9 @@ wheel: $(STAMP)
 	$(PY) -m build --wheel --outdir dist .
 
 lint: $(STAMP)
-	$(PIP) install --quiet ruff
-	$(PY) -m ruff check dan_layers tests examples benchmarks
+	$(PIP) install --quiet ruff mypy
+	$(PY) -m ruff check dan_layers
+	$(PY) -m mypy dan_layers --ignore-missing-imports
 
 clean:
 	rm -rf $(VENV) build dist site .pytest_cache .hypothesis runs

@@ -22,6 +22,7 @@ Axis legend: ``b`` batch, ``k`` heads, ``c`` channels, ``r`` reduced channels,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,31 @@ def _reduced_width(in_channels: int, reduction: int, name: str) -> int:
     return width
 
 
+def _folded(layer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``layer`` (conv or linear) with the eval-mode BatchNorm ``bn`` folded in."""
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"expected a BatchNorm layer to fold, got {type(bn).__name__}")
+    mean, var = bn.running_mean, bn.running_var
+    if mean is None or var is None:
+        raise ValueError("expected a BatchNorm with running statistics, got track_running_stats=False")
+    return DF.fuse_conv_bn(
+        cast(torch.Tensor, layer.weight),
+        cast("torch.Tensor | None", layer.bias),
+        mean,
+        var,
+        bn.weight,
+        bn.bias,
+        bn.eps,
+    )
+
+
+def _fold_in_place(layer: nn.Module, bn: nn.Module) -> None:
+    """Overwrite ``layer``'s weight and bias with the folded ones (the layer has a bias)."""
+    weight, bias = _folded(layer, bn)
+    cast(torch.Tensor, layer.weight).copy_(weight)
+    cast(torch.Tensor, layer.bias).copy_(bias)
+
+
 def _require_eval(module: nn.Module) -> None:
     if module.training:
         raise RuntimeError(
@@ -84,7 +110,7 @@ class _HeadwiseLinear(nn.Module):
         self.num_heads = num_heads
         self.in_features = in_features
         self.out_features = out_features
-        fk = {"device": device, "dtype": dtype}
+        fk: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_heads * out_features, in_features, **fk))
         self.bias = nn.Parameter(torch.empty(num_heads * out_features, **fk))
 
@@ -95,7 +121,7 @@ class _HeadwiseLinear(nn.Module):
         bias = rearrange(self.bias, "(k o) -> k o", k=self.num_heads)
         return torch.einsum("bki,koi->bko", x, weight) + bias
 
-    def extra_repr(self) -> str:
+    def extra_repr(self) -> str:  # noqa: D102
         return f"num_heads={self.num_heads}, in_features={self.in_features}, out_features={self.out_features}"
 
 
@@ -162,7 +188,7 @@ class SpatialAttention(nn.Module):
         self.hidden_channels = hidden
         self.kernel_sizes = kernel_sizes
         self.validate = validate
-        fk = {"device": device, "dtype": dtype}
+        fk: dict[str, Any] = {"device": device, "dtype": dtype}
         k = num_heads
         self.conv1x1 = nn.Sequential(
             nn.Conv2d(in_channels, k * hidden, kernel_size=1, **fk), nn.BatchNorm2d(k * hidden, **fk)
@@ -249,17 +275,12 @@ class SpatialAttention(nn.Module):
         _require_eval(self)
         if self.is_reparameterized:
             return self
-        conv, bn = self.conv1x1
-        if isinstance(bn, nn.BatchNorm2d):
-            w, b = DF.fuse_conv_bn(
-                conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
-            )
-            conv.weight.copy_(w)
-            conv.bias.copy_(b)
+        if isinstance(self.conv1x1[1], nn.BatchNorm2d):
+            _fold_in_place(self.conv1x1[0], self.conv1x1[1])
             self.conv1x1[1] = nn.Identity()
         kh = max(size[0] for size in self.kernel_sizes)
         kw = max(size[1] for size in self.kernel_sizes)
-        first_conv = getattr(self, self.branch_names[0])[0]
+        first_conv: nn.Conv2d = getattr(self, self.branch_names[0])[0]
         fused = nn.Conv2d(
             first_conv.in_channels,
             first_conv.out_channels,
@@ -269,21 +290,20 @@ class SpatialAttention(nn.Module):
             device=first_conv.weight.device,
             dtype=first_conv.weight.dtype,
         )
+        fused_bias = cast(torch.Tensor, fused.bias)
         fused.weight.zero_()
-        fused.bias.zero_()
+        fused_bias.zero_()
         for name in self.branch_names:
             conv, bn = getattr(self, name)
-            w, b = DF.fuse_conv_bn(
-                conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
-            )
-            fused.weight.add_(DF.pad_kernel(w, (kh, kw)))
-            fused.bias.add_(b)
+            weight, bias = _folded(conv, bn)
+            fused.weight.add_(DF.pad_kernel(weight, (kh, kw)))
+            fused_bias.add_(bias)
             delattr(self, name)
         self.add_module(_FUSED_BRANCH, fused)
         self.branch_names = (_FUSED_BRANCH,)
         return self
 
-    def extra_repr(self) -> str:
+    def extra_repr(self) -> str:  # noqa: D102
         return (
             f"in_channels={self.in_channels}, num_heads={self.num_heads}, "
             f"hidden_channels={self.hidden_channels}, kernel_sizes={self.kernel_sizes}"
@@ -344,7 +364,7 @@ class ChannelAttention(nn.Module):
         self.reduction = reduction
         self.hidden_channels = hidden
         self.validate = validate
-        fk = {"device": device, "dtype": dtype}
+        fk: dict[str, Any] = {"device": device, "dtype": dtype}
         self.attention = nn.Sequential(
             _HeadwiseLinear(num_heads, in_channels, hidden, **fk),
             nn.BatchNorm1d(num_heads * hidden, **fk),
@@ -409,16 +429,11 @@ class ChannelAttention(nn.Module):
         _require_eval(self)
         if self.is_reparameterized:
             return self
-        linear, bn = self.attention[0], self.attention[1]
-        w, b = DF.fuse_conv_bn(
-            linear.weight, linear.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
-        )
-        linear.weight.copy_(w)
-        linear.bias.copy_(b)
+        _fold_in_place(self.attention[0], self.attention[1])
         self.attention[1] = nn.Identity()
         return self
 
-    def extra_repr(self) -> str:
+    def extra_repr(self) -> str:  # noqa: D102
         return (
             f"in_channels={self.in_channels}, num_heads={self.num_heads}, "
             f"hidden_channels={self.hidden_channels}"
@@ -462,9 +477,9 @@ def _split_heads_from(source: nn.Module, heads: Sequence[nn.Module]) -> None:
     states: list[dict[str, torch.Tensor]] = [{} for _ in heads]
     for key, value in source.state_dict().items():
         chunks = [value] * len(heads) if value.ndim == 0 else value.chunk(len(heads), dim=0)
-        for state, chunk in zip(states, chunks):
+        for state, chunk in zip(states, chunks, strict=True):
             state[key] = chunk
-    for head, state in zip(heads, states):
+    for head, state in zip(heads, states, strict=True):
         head.load_state_dict(state)
 
 
@@ -526,17 +541,22 @@ class MultiHeadAttentionBlock(nn.Module):
         self.in_channels = in_channels
         self.num_heads = num_heads
         self.validate = validate
-        fk = {"device": device, "dtype": dtype}
         self.spatial = SpatialAttention(
             in_channels,
             num_heads=num_heads,
             reduction=spatial_reduction,
             kernel_sizes=kernel_sizes,
             validate=False,
-            **fk,
+            device=device,
+            dtype=dtype,
         )
         self.channel = ChannelAttention(
-            in_channels, num_heads=num_heads, reduction=channel_reduction, validate=False, **fk
+            in_channels,
+            num_heads=num_heads,
+            reduction=channel_reduction,
+            validate=False,
+            device=device,
+            dtype=dtype,
         )
 
     @property
@@ -601,13 +621,14 @@ class MultiHeadAttentionBlock(nn.Module):
             ``(spatial_heads, channel_heads)``, two lists of length $K$.
         """
         first = next(self.parameters())
-        fk = {"device": first.device, "dtype": first.dtype}
+        device, dtype = first.device, first.dtype
         spatial = [
             SpatialAttention(
                 self.in_channels,
                 reduction=self.spatial.reduction,
                 kernel_sizes=self.spatial.kernel_sizes,
-                **fk,
+                device=device,
+                dtype=dtype,
             )
             for _ in range(self.num_heads)
         ]
@@ -615,7 +636,8 @@ class MultiHeadAttentionBlock(nn.Module):
             ChannelAttention(
                 self.in_channels,
                 reduction=self.channel.reduction,
-                **fk,
+                device=device,
+                dtype=dtype,
             )
             for _ in range(self.num_heads)
         ]
@@ -627,6 +649,6 @@ class MultiHeadAttentionBlock(nn.Module):
             _split_heads_from(fused, heads)
         return spatial, channel
 
-    def extra_repr(self) -> str:
+    def extra_repr(self) -> str:  # noqa: D102
         return f"in_channels={self.in_channels}, num_heads={self.num_heads}"
 

@@ -77,5 +77,5 @@ class AttentionFusion(nn.Module):
         logits = self.bn(self.fc(scaled.sum(dim=1)))
         return logits, scaled
 
-    def extra_repr(self) -> str:
+    def extra_repr(self) -> str:  # noqa: D102
         return f"in_channels={self.in_channels}, num_classes={self.num_classes}"

@@ -57,7 +57,7 @@ class _CenterLossBase(nn.Module):
         self.validate = validate
         self.centers = nn.Parameter(torch.randn(num_centers, feat_dim, device=device, dtype=dtype))
 
-    def extra_repr(self) -> str:
+    def extra_repr(self) -> str:  # noqa: D102
         n = self.centers.shape[0]
         extra = f", num_centers={n}" if n != self.num_classes else ""
         return f"num_classes={self.num_classes}, feat_dim={self.feat_dim}{extra}, reduction={self.reduction!r}"
@@ -257,5 +257,5 @@ class PartitionLoss(nn.Module):
             validate=self.validate,
         )
 
-    def extra_repr(self) -> str:
+    def extra_repr(self) -> str:  # noqa: D102
         return f"variant={self.variant!r}, unbiased={self.unbiased}"
