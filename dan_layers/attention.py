@@ -35,6 +35,7 @@ from dan_layers._validation import (
     check_batchnorm_batch,
     check_ndim,
     check_positive,
+    check_same_device,
     check_size,
 )
 
@@ -226,6 +227,7 @@ class SpatialAttention(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         check_ndim(x, "x", (4,), "(B, C, H, W)")
         check_size(x, 1, self.in_channels, "x", "in_channels")
+        check_same_device(x=x, weights=self.conv1x1[0].weight)
         check_batchnorm_batch(x.shape[0], self.training, "SpatialAttention", x.shape[2] * x.shape[3])
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -408,6 +410,7 @@ class ChannelAttention(nn.Module):
             if x.ndim == 3:
                 check_size(x, 1, self.num_heads, "x", "num_heads")
             check_size(x, x.ndim - 1 if x.ndim == 3 else 1, self.in_channels, "x", "in_channels")
+            check_same_device(x=x, weights=self.attention[0].weight)
             check_batchnorm_batch(x.shape[0], self.training, "ChannelAttention (BatchNorm1d)")
         pooled = x if x.ndim == 3 else DF.pool_features(x).unsqueeze(1)
         gate = self._gate(pooled)

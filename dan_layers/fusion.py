@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from dan_layers import functional as DF
-from dan_layers._validation import check_batchnorm_batch, check_ndim, check_positive, check_size
+from dan_layers._validation import (
+    check_batchnorm_batch,
+    check_ndim,
+    check_positive,
+    check_same_device,
+    check_size,
+)
 
 __all__ = ["AttentionFusion"]
 
@@ -72,6 +78,7 @@ class AttentionFusion(nn.Module):
         if self.validate:
             check_ndim(heads, "heads", (3,), "(B, K, C)")
             check_size(heads, 2, self.in_channels, "heads", "in_channels")
+            check_same_device(heads=heads, weights=self.fc.weight)
             check_batchnorm_batch(heads.shape[0], self.training, "AttentionFusion (BatchNorm1d)")
         scaled = DF.scale_heads(heads)
         logits = self.bn(self.fc(scaled.sum(dim=1)))
