@@ -39,7 +39,7 @@ demo: $(STAMP)
 	$(PY) examples/train_dan.py --preset demo --out runs/demo
 
 docs: $(STAMP)
-	$(PY) -m mkdocs build --strict --clean
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --clean
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

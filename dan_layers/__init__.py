@@ -1,10 +1,9 @@
 """dan-layers: the Distract-your-Attention Network (DAN) as reusable PyTorch building blocks.
 
-Losses: :class:`AffinityLoss`, :class:`CenterLoss`, :class:`PartitionLoss`.
-Attention: :class:`SpatialAttention`, :class:`ChannelAttention`,
-:class:`MultiHeadAttentionBlock`. Fusion: :class:`AttentionFusion`.
-Deployment: :func:`reparameterize_model`. Parameter-free maths:
-:mod:`dan_layers.functional`.
+Losses: ``AffinityLoss``, ``CenterLoss``, ``PartitionLoss``. Attention:
+``SpatialAttention``, ``ChannelAttention``, ``MultiHeadAttentionBlock``. Fusion:
+``AttentionFusion``. Deployment: ``reparameterize_model``. Parameter-free maths:
+``dan_layers.functional``.
 """
 
 from dan_layers import functional

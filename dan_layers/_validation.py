@@ -1,6 +1,6 @@
 """Input checks shared by the functions and modules of dan-layers.
 
-Every check raises :class:`ValueError` with a message of the form
+Every check raises ``ValueError`` with a message of the form
 ``"<what>: expected <...>, got <...>"``. Checks on shapes, dtypes and devices
 read only static metadata and are free under ``torch.compile(fullgraph=True)``.
 The one data-dependent check (labels in range) reads tensor values: in eager

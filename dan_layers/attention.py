@@ -96,7 +96,7 @@ class _HeadwiseLinear(nn.Module):
     """``num_heads`` independent linear layers applied to ``(B, K, in)``.
 
     ``weight`` is ``(K * out, in)`` and ``bias`` ``(K * out,)``, head after head, so
-    that with one head the layout is that of :class:`torch.nn.Linear`.
+    that with one head the layout is that of ``torch.nn.Linear``.
     """
 
     def __init__(
@@ -208,7 +208,7 @@ class SpatialAttention(nn.Module):
 
     @property
     def is_reparameterized(self) -> bool:
-        """Whether :meth:`reparameterize` has merged the branches."""
+        """Whether [`reparameterize`][dan_layers.SpatialAttention.reparameterize] has merged the branches."""
         return self.branch_names == (_FUSED_BRANCH,)
 
     def reset_parameters(self) -> None:
@@ -378,7 +378,7 @@ class ChannelAttention(nn.Module):
 
     @property
     def is_reparameterized(self) -> bool:
-        """Whether :meth:`reparameterize` has folded the BatchNorm."""
+        """Whether [`reparameterize`][dan_layers.ChannelAttention.reparameterize] has folded the BatchNorm."""
         return isinstance(self.attention[1], nn.Identity)
 
     def reset_parameters(self) -> None:
@@ -499,10 +499,13 @@ class MultiHeadAttentionBlock(nn.Module):
     The authors keep $K$ separate modules and loop over them; here all heads run
     at once (grouped convolutions, batched linear layers, and one einsum that
     pools $x$ under the $K$ maps without forming $K$ scaled copies). The result
-    equals the per-head computation; :meth:`load_from_heads` and
-    :meth:`split_heads` convert between the two layouts.
+    equals the per-head computation;
+    [`load_from_heads`][dan_layers.MultiHeadAttentionBlock.load_from_heads] and
+    [`split_heads`][dan_layers.MultiHeadAttentionBlock.split_heads] convert between
+    the two layouts.
 
-    For deployment, :meth:`reparameterize` (eval mode) folds every BatchNorm and
+    For deployment, [`reparameterize`][dan_layers.MultiHeadAttentionBlock.reparameterize]
+    (eval mode) folds every BatchNorm and
     merges the 3x3, 1x3 and 3x1 branches into one 3x3 convolution per head,
     removing 40% of the branches' multiply-accumulates with the same output.
 
@@ -564,7 +567,7 @@ class MultiHeadAttentionBlock(nn.Module):
 
     @property
     def is_reparameterized(self) -> bool:
-        """Whether :meth:`reparameterize` has been applied."""
+        """Whether [`reparameterize`][dan_layers.MultiHeadAttentionBlock.reparameterize] has been applied."""
         return self.spatial.is_reparameterized and self.channel.is_reparameterized
 
     def forward(
@@ -597,8 +600,8 @@ class MultiHeadAttentionBlock(nn.Module):
         """Copy the weights of $K$ one-head modules (the authors' layout) into this block.
 
         Args:
-            spatial: $K$ one-head :class:`SpatialAttention` modules.
-            channel: $K$ one-head :class:`ChannelAttention` modules.
+            spatial: $K$ one-head [`SpatialAttention`][dan_layers.SpatialAttention] modules.
+            channel: $K$ one-head [`ChannelAttention`][dan_layers.ChannelAttention] modules.
 
         Returns:
             ``self``.

@@ -22,9 +22,9 @@ ModuleT = TypeVar("ModuleT", bound=nn.Module)
 def reparameterize_model(model: ModuleT) -> ModuleT:
     """Re-parameterize every DAN attention unit inside ``model``, in place.
 
-    Calls ``reparameterize()`` on each :class:`~dan_layers.SpatialAttention` and
-    :class:`~dan_layers.ChannelAttention` (including those inside a
-    :class:`~dan_layers.MultiHeadAttentionBlock`). Units already re-parameterized
+    Calls ``reparameterize()`` on each [`SpatialAttention`][dan_layers.SpatialAttention] and
+    [`ChannelAttention`][dan_layers.ChannelAttention] (including those inside a
+    [`MultiHeadAttentionBlock`][dan_layers.MultiHeadAttentionBlock]). Units already re-parameterized
     are left as they are. Other modules are untouched.
 
     Args:

@@ -7,7 +7,7 @@ Network for Facial Expression Recognition", Biomimetics 2023
 Axis legend used throughout: ``b`` batch, ``c`` channels, ``h w`` spatial size,
 ``k`` heads, ``n`` classes, ``l`` flattened per-head features.
 
-Every function here is stateless; the modules in :mod:`dan_layers` own the
+Every function here is stateless; the modules in ``dan_layers`` own the
 parameters (class centres, convolution weights) and call these functions.
 The losses compute in at least float32, whatever the input dtype (bf16 and fp16
 inputs under autocast are promoted), and never synchronise with the host when
@@ -48,7 +48,7 @@ __all__ = [
 Reduction = Literal["mean", "sum", "none"]
 PartitionVariant = Literal["paper", "official"]
 
-#: Default ``eps`` of :func:`partition_loss`: float64 machine epsilon, as the authors' code.
+#: Default ``eps`` of ``partition_loss``: float64 machine epsilon, as the authors' code.
 PARTITION_EPS: float = sys.float_info.epsilon
 
 

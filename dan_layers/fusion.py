@@ -29,7 +29,7 @@ class AttentionFusion(nn.Module):
 
     The log-softmax ("feature scaling", Eq. 5) is applied only when $K > 1$, as in
     the authors' forward. The scaled heads are returned as well: they are what
-    :class:`~dan_layers.PartitionLoss` takes. Submodules ``fc`` and ``bn`` carry the
+    [`PartitionLoss`][dan_layers.PartitionLoss] takes. Submodules ``fc`` and ``bn`` carry the
     authors' key names; both keep PyTorch's default initialisation, as theirs.
 
     Note:

@@ -4,7 +4,7 @@ Paper: "Distract Your Attention: Multi-head Cross Attention Network for Facial
 Expression Recognition" (https://arxiv.org/abs/2109.07270).
 
 The modules store hyperparameters (and, for the centre losses, the centres) and
-call :mod:`dan_layers.functional`. ``AffinityLoss.centers`` and
+call ``dan_layers.functional``. ``AffinityLoss.centers`` and
 ``CenterLoss.centers`` are learnable parameters: pass them to the optimizer and
 move the loss to the model's device.
 """
@@ -70,7 +70,7 @@ class AffinityLoss(_CenterLossBase):
       \frac{\lVert x_i - c_{y_i} \rVert_2^2}{\sigma_c^2}$$
 
     with $\sigma_c^2$ the per-dimension variance of the centres, summed over
-    dimensions. See :func:`dan_layers.functional.affinity_loss` for the details
+    dimensions. See [`affinity_loss`][dan_layers.functional.affinity_loss] for the details
     and the departures from the authors' code. With the defaults its value and
     gradients equal the authors' implementation within 1e-5 (relative, float32).
 
@@ -211,7 +211,7 @@ class PartitionLoss(nn.Module):
 
     $\sigma^2_{il}$ is the variance across the $K$ heads. It is a batch statistic,
     so there is no ``reduction``. One head gives a graph-connected zero.
-    See :func:`dan_layers.functional.partition_loss`.
+    See [`partition_loss`][dan_layers.functional.partition_loss].
 
     Args:
         variant: ``"paper"`` or ``"official"``.
