@@ -84,6 +84,14 @@ def _fold_in_place(layer: nn.Module, bn: nn.Module) -> None:
     cast(torch.Tensor, layer.bias).copy_(bias)
 
 
+def _batchnorm_update_factor(bn: nn.modules.batchnorm._BatchNorm) -> float:
+    """Count a training batch and return the running-average factor, as BatchNorm's forward."""
+    if not (bn.training and bn.track_running_stats and bn.num_batches_tracked is not None):
+        return 0.0
+    bn.num_batches_tracked.add_(1)
+    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+
+
 def _require_eval(module: nn.Module) -> None:
     if module.training:
         raise RuntimeError(
@@ -227,7 +235,7 @@ class SpatialAttention(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         check_ndim(x, "x", (4,), "(B, C, H, W)")
         check_size(x, 1, self.in_channels, "x", "in_channels")
-        check_same_device(x=x, weights=self.conv1x1[0].weight)
+        check_same_device(x=x, weights=cast(torch.Tensor, self.conv1x1[0].weight))
         check_batchnorm_batch(x.shape[0], self.training, "SpatialAttention", x.shape[2] * x.shape[3])
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -242,11 +250,45 @@ class SpatialAttention(nn.Module):
         if self.validate:
             self._check_input(x)
         y = self.conv1x1(x)
+        if self.training and self.num_heads > 1 and x.device.type == "cpu":
+            return self._per_head_maps(y)
         z = getattr(self, self.branch_names[0])(y)
         for name in self.branch_names[1:]:
             z = z + getattr(self, name)(y)
         z = self.relu(z)
         return rearrange(z, "b (k c) h w -> b k c h w", k=self.num_heads).sum(dim=2)
+
+    def _per_head_maps(self, y: torch.Tensor) -> torch.Tensor:
+        """Branches as K dense convolutions on chunks of the grouped weights (CPU training).
+
+        Same parameters, same result and the same BatchNorm running-statistic
+        updates as the grouped path; oneDNN's dense convolutions train faster on
+        CPU than its grouped ones (benchmarks/heads_train.py), and per-head tensors
+        stay in cache. ``chunk`` (one split per tensor, not one slice per head)
+        keeps the backward from materialising a full-size zero tensor per head.
+        """
+        k = self.num_heads
+        inputs = y.chunk(k, dim=1)
+        sums: list[torch.Tensor] = []
+        for name in self.branch_names:
+            conv, bn = getattr(self, name)
+            weights, biases = conv.weight.chunk(k), conv.bias.chunk(k)
+            gammas, betas = bn.weight.chunk(k), bn.bias.chunk(k)
+            use_batch_stats = bn.training or bn.running_mean is None
+            means = variances = [None] * k
+            if bn.running_mean is not None:
+                means, variances = bn.running_mean.chunk(k), bn.running_var.chunk(k)
+            factor = _batchnorm_update_factor(bn)
+            for i in range(k):
+                out = F.conv2d(inputs[i], weights[i], biases[i], padding=conv.padding)
+                out = F.batch_norm(
+                    out, means[i], variances[i], gammas[i], betas[i], use_batch_stats, factor, bn.eps
+                )
+                if len(sums) < k:
+                    sums.append(out)
+                else:
+                    sums[i] = sums[i] + out
+        return torch.stack([self.relu(z).sum(dim=1) for z in sums], dim=1)
 
     def forward(
         self, x: torch.Tensor, return_attention: bool = False
@@ -410,7 +452,7 @@ class ChannelAttention(nn.Module):
             if x.ndim == 3:
                 check_size(x, 1, self.num_heads, "x", "num_heads")
             check_size(x, x.ndim - 1 if x.ndim == 3 else 1, self.in_channels, "x", "in_channels")
-            check_same_device(x=x, weights=self.attention[0].weight)
+            check_same_device(x=x, weights=cast(torch.Tensor, self.attention[0].weight))
             check_batchnorm_batch(x.shape[0], self.training, "ChannelAttention (BatchNorm1d)")
         pooled = x if x.ndim == 3 else DF.pool_features(x).unsqueeze(1)
         gate = self._gate(pooled)
