@@ -1,0 +1,401 @@
+"""Render the benchmark results (``results/*.json``) as Markdown tables and PNG plots.
+
+    python benchmarks/report.py                       # benchmarks/results -> RESULTS.md, *.png
+    python benchmarks/report.py --results /tmp/bench  # another results folder
+
+Device/dtype variants (``heads_train-cuda-bfloat16.json`` ...) get their own sections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ORDER = ["heads_train", "heads_inference", "affinity", "dan_throughput", "dan_memory"]
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) < 1e-3 or abs(v) >= 1e5:
+            return f"{v:.2e}"
+        return f"{v:.{digits}g}" if abs(v) < 1 else f"{v:,.{max(digits - 2, 1)}f}"
+    return str(v)
+
+
+def ms(v: Any) -> str:
+    return "-" if v is None else f"{v:,.1f}"
+
+
+def ratio(v: Any) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def mib(v: Any) -> str:
+    return "-" if v is None else f"{v / 2**20:,.1f}"
+
+
+def sci(v: Any) -> str:
+    return "-" if v is None else f"{v:.1e}"
+
+
+Column = tuple[str, str, Callable[[Any], str]]
+
+
+def md_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    sep = "|" + "|".join("---:" for _ in columns) + "|"
+    body = ["| " + " | ".join(f(r.get(k)) for k, _, f in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def env_line(env: dict) -> str:
+    parts = [f"{env.get('cpu', '?')}", f"{env.get('logical_cpus', '?')} logical CPUs",
+             f"torch {env.get('torch', '?')}", f"{env.get('torch_threads', '?')} torch threads"]
+    if env.get("gpu"):
+        parts.insert(0, f"GPU {env['gpu']} (CUDA {env.get('cuda')})")
+    if env.get("load_average"):
+        parts.append(f"load average at start {env['load_average'][0]}")
+    parts.append(env.get("date", ""))
+    return ", ".join(p for p in parts if p)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def sec_heads_train(d: dict) -> str:
+    cols: list[Column] = [("heads", "K", _num), ("batch", "B", _num), ("loop_ms", "loop ms", ms),
+                          ("ours_ms", "ours ms", ms), ("speedup", "speedup (wall)", ratio),
+                          ("cpu_speedup", "speedup (CPU time)", ratio)]
+    if any("perhead_speedup" in r for r in d["rows"]):
+        cols += [("perhead_ms", "prototype ms", ms), ("perhead_speedup", "prototype speedup", ratio)]
+    cols += [("rel_err_out", "rel. err out", sci), ("rel_err_input_grad", "rel. err grad", sci)]
+    s = d.get("summary", {})
+    note = (f"Minimum speedup {s.get('min_speedup', 0):.2f}x; ours never slower: "
+            f"{_num(s.get('ours_never_slower'))}.")
+    return md_table(d["rows"], cols) + "\n\n" + note
+
+
+def sec_heads_inference(d: dict) -> str:
+    cols: list[Column] = [("heads", "K", _num), ("batch", "B", _num), ("loop_ms", "loop ms", ms),
+                          ("train_form_ms", "train-form ms", ms), ("reparam_ms", "reparam ms", ms),
+                          ("reparam_speedup", "reparam / train-form", ratio),
+                          ("reparam_vs_loop", "reparam / loop", ratio), ("mac_ratio", "MAC ratio", ratio),
+                          ("cl_vs_reparam", "channels_last", ratio),
+                          ("perhead_vs_reparam", "per-head convs", ratio),
+                          ("rel_err_reparam_vs_loop", "rel. err vs loop", sci)]
+    s = d.get("summary", {})
+    t = s.get("target_case", {})
+    note = (f"Target case K={t.get('heads')}, B={t.get('batch')}: re-parameterized "
+            f"{s.get('reparam_speedup', 0):.2f}x faster than the train-form block (goal 1.5x, MAC "
+            f"ceiling {s.get('mac_ratio', 0):.2f}x), {s.get('reparam_vs_loop', 0):.2f}x faster than the "
+            f"loop; largest relative difference of any output {s.get('max_rel_err', 0):.1e} "
+            f"(tolerance {d['config'].get('tolerance')}). The last two ratio columns are the "
+            "re-parameterized block's time divided by the variant's (> 1: the variant is faster).")
+    out = md_table(d["rows"], cols) + "\n\n" + note
+    prof = d.get("profile")
+    if prof:
+        out += "\n\nProfile of the target case (share of operator self time, torch.profiler):\n\n"
+        rows = []
+        for variant, ops in prof.items():
+            for o in ops[:4]:
+                rows.append({"variant": variant, **o})
+        out += md_table(rows, [("variant", "variant", str), ("op", "op", str),
+                               ("share", "share", lambda v: f"{100 * v:.1f}%"),
+                               ("ms_per_call", "ms per forward", ms), ("calls", "calls", _num)])
+    return out
+
+
+def sec_affinity(d: dict) -> str:
+    cols: list[Column] = [("classes", "classes N", _num), ("ours_ms", "gathered ms", ms),
+                          ("distmat_ms", "distmat ms", ms), ("speedup", "speedup", ratio),
+                          ("ours_peak_bytes", "gathered peak MiB", mib),
+                          ("distmat_peak_bytes", "distmat peak MiB", mib),
+                          ("ours_rss_delta_bytes", "gathered RSS MiB", mib),
+                          ("distmat_rss_delta_bytes", "distmat RSS MiB", mib)]
+    err: list[Column] = [("classes", "classes N", _num),
+                         ("ours_random_loss_err", "gathered, random", sci),
+                         ("distmat_random_loss_err", "distmat, random", sci),
+                         ("ours_trained_loss_err", "gathered, trained-like", sci),
+                         ("distmat_trained_loss_err", "distmat, trained-like", sci),
+                         ("ours_trained_grad_err", "gathered grad, trained-like", sci),
+                         ("distmat_trained_grad_err", "distmat grad, trained-like", sci)]
+    c = d["config"]
+    return (f"Batch {c['batch']}, feature width {c['feat_dim']}, forward + backward.\n\n"
+            + md_table(d["rows"], cols)
+            + "\n\nfloat32 relative error against the same implementation in float64 "
+              "(loss value; centre gradient normwise):\n\n" + md_table(d["rows"], err))
+
+
+def sec_dan_throughput(d: dict) -> str:
+    cols: list[Column] = [("size", "px", _num), ("mode", "mode", str), ("impl", "variant", str),
+                          ("ms_per_batch", "ms / batch", ms),
+                          ("images_per_s", "images/s", lambda v: f"{v:,.1f}"),
+                          ("gmacs_per_image", "GMAC / image", lambda v: f"{v:.2f}"),
+                          ("achieved_gflops", "GFLOP/s", lambda v: f"{v:,.1f}"),
+                          ("fraction_of_matmul", "of matmul", lambda v: f"{100 * v:.0f}%"),
+                          ("fraction_of_best", "of best kernel",
+                           lambda v: "-" if v is None else f"{100 * v:.0f}%"),
+                          ("speedup_vs_ours_eager", "vs ours eager", ratio),
+                          ("compile_s", "compile s", lambda v: "-" if v is None else f"{v:.0f}")]
+    mm = sorted({round(r["matmul_gflops"], 1) for r in d["rows"]})
+    conv = sorted({round(r["conv3x3_gflops"], 1) for r in d["rows"] if r.get("conv3x3_gflops")})
+    c = d["config"]
+    return (f"Batch {c['batch']}; {c['flops']}. Matrix-product reference ({c['matmul_n']}^3) "
+            f"measured in the same rounds: {', '.join(f'{v:,.1f}' for v in mm)} GFLOP/s"
+            + (f"; 3x3 convolution reference (16 x 256 x 28 x 28): {', '.join(f'{v:,.1f}' for v in conv)} "
+               "GFLOP/s ('of best kernel' is relative to the faster of the two)" if conv else "")
+            + "."
+            + ({True: " `compile s` was measured with a warm inductor cache (a cold compile takes much "
+                      "longer).", False: " `compile s` is a cold compile (empty inductor cache)."}
+               .get(c.get("inductor_cache_warm_at_start"), ""))
+            + "\n\n"
+            + md_table(d["rows"], cols))
+
+
+def sec_dan_memory(d: dict) -> str:
+    block = [r for r in d["rows"] if r.get("level") == "block"]
+    dan = [r for r in d["rows"] if r.get("level") == "dan"]
+    out = ""
+    if block:
+        out += (f"Attention heads alone, forward + backward, batch {d['config']['block_batch']} "
+                "(allocator peak, MiB):\n\n")
+        out += md_table(block, [("heads", "K", _num), ("loop_alloc_peak_bytes", "loop", mib),
+                                ("ours_alloc_peak_bytes", "ours", mib),
+                                ("ours_perhead_alloc_peak_bytes", "prototype", mib),
+                                ("loop_over_ours", "loop / ours", ratio)])
+    if dan:
+        out += ("\n\nWhole DAN training step (allocator peak of a step; RSS growth over the first step "
+                "in a fresh process), MiB:\n\n")
+        out += md_table(dan, [("size", "px", _num), ("batch", "B", _num),
+                              ("ours_alloc_peak_bytes", "ours alloc", mib),
+                              ("ref_alloc_peak_bytes", "authors' alloc", mib),
+                              ("ref_over_ours_alloc", "authors' / ours", ratio),
+                              ("ours_rss_delta_bytes", "ours RSS", mib),
+                              ("ref_rss_delta_bytes", "authors' RSS", mib),
+                              ("ref_over_ours_rss", "authors' / ours", ratio)])
+    return out
+
+
+SECTIONS = {
+    "heads_train": ("Q1. Attention heads, training step (forward + backward)", sec_heads_train),
+    "heads_inference": ("Q2. Attention heads, inference: re-parameterization", sec_heads_inference),
+    "affinity": ("Q3. AffinityLoss: gathered distances vs the B x N distance matrix", sec_affinity),
+    "dan_throughput": ("Q4. Whole DAN throughput", sec_dan_throughput),
+    "dan_memory": ("Q5. Memory of a training step", sec_dan_memory),
+}
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_all(results: dict[str, dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+
+    def save(fig, name):
+        path = out / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    for key, d in results.items():
+        base, suffix = (key.split("-", 1) + [""])[:2]
+        tag = f"-{suffix}" if suffix else ""
+        rows = d["rows"]
+        if base == "heads_train":
+            fig, ax = plt.subplots(figsize=(5.5, 3.6))
+            for b in sorted({r["batch"] for r in rows}):
+                rs = sorted((r for r in rows if r["batch"] == b), key=lambda r: r["heads"])
+                ks = [r["heads"] for r in rs]
+                ax.plot(ks, [r["speedup"] for r in rs], "o-", label=f"fused block, B={b}")
+                if "perhead_speedup" in rs[0]:
+                    ax.plot(ks, [r["perhead_speedup"] for r in rs], "s--", label=f"prototype, B={b}")
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("heads K")
+            ax.set_ylabel("speedup over the per-head loop")
+            ax.set_title("Training step (fwd+bwd) of the attention heads")
+            ax.legend(fontsize=8)
+            save(fig, f"heads_train{tag}.png")
+        elif base == "heads_inference":
+            b0 = d.get("summary", {}).get("target_case", {}).get("batch", rows[0]["batch"])
+            rs = sorted((r for r in rows if r["batch"] == b0), key=lambda r: r["heads"])
+            ks = [r["heads"] for r in rs]
+            fig, ax = plt.subplots(figsize=(5.5, 3.6))
+            ax.plot(ks, [r["reparam_speedup"] for r in rs], "o-", label="re-parameterized / train-form")
+            ax.plot(ks, [r["reparam_vs_loop"] for r in rs], "s-", label="re-parameterized / loop")
+            ax.plot(ks, [r["train_form_vs_loop"] for r in rs], "^-", label="train-form / loop")
+            ax.axhline(rs[0]["mac_ratio"], color="gray", ls=":", label="MAC ratio")
+            ax.axhline(1.5, color="red", lw=0.8, ls="--", label="goal 1.5x")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("heads K")
+            ax.set_ylabel("speedup")
+            ax.set_title(f"Eval-mode inference of the attention heads, B={b0}")
+            ax.set_ylim(bottom=min(0.8, min(r["train_form_vs_loop"] for r in rs) - 0.1))
+            ax.legend(fontsize=8, loc="center right", bbox_to_anchor=(1.0, 0.35))
+            save(fig, f"heads_inference{tag}.png")
+        elif base == "affinity":
+            ns = [r["classes"] for r in rows]
+            fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+            a1.loglog(ns, [r["ours_ms"] for r in rows], "o-", label="gathered (ours)")
+            a1.loglog(ns, [r["distmat_ms"] for r in rows], "s-", label="B x N distance matrix")
+            a1.set_xlabel("classes N")
+            a1.set_ylabel("forward + backward, ms")
+            a1.legend(fontsize=8)
+            a2.loglog(ns, [r["ours_peak_bytes"] / 2**20 for r in rows], "o-", label="gathered (ours)")
+            a2.loglog(ns, [r["distmat_peak_bytes"] / 2**20 for r in rows], "s-", label="B x N distance matrix")
+            a2.set_xlabel("classes N")
+            a2.set_ylabel("allocator peak, MiB")
+            a2.legend(fontsize=8)
+            fig.suptitle(f"AffinityLoss, batch {d['config']['batch']}, feature width {d['config']['feat_dim']}")
+            save(fig, f"affinity{tag}.png")
+        elif base == "dan_throughput":
+            groups = sorted({(r["mode"], r["size"]) for r in rows})
+            impls = list(dict.fromkeys(r["impl"] for r in rows))
+            fig, ax = plt.subplots(figsize=(8, 3.8))
+            width = 0.8 / len(impls)
+            for i, impl in enumerate(impls):
+                vals = [next((r["images_per_s"] for r in rows if (r["mode"], r["size"]) == g
+                              and r["impl"] == impl), 0) for g in groups]
+                ax.bar([j + i * width for j in range(len(groups))], vals, width, label=impl)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+            ax.set_xticklabels([f"{m} {s}px" for m, s in groups])
+            ax.set_ylabel("images / s")
+            ax.set_title(f"Whole DAN, batch {d['config']['batch']}")
+            ax.legend(fontsize=7)
+            save(fig, f"dan_throughput{tag}.png")
+        elif base == "dan_memory":
+            dan = [r for r in rows if r.get("level") == "dan"]
+            block = [r for r in rows if r.get("level") == "block"]
+            fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+            if block:
+                labels = [f"K={r['heads']}" for r in block]
+                x = range(len(block))
+                axes[0].bar([i - 0.2 for i in x], [r["loop_alloc_peak_bytes"] / 2**20 for r in block], 0.4,
+                            label="per-head loop")
+                axes[0].bar([i + 0.2 for i in x], [r["ours_alloc_peak_bytes"] / 2**20 for r in block], 0.4,
+                            label="fused block")
+                axes[0].set_xticks(list(x))
+                axes[0].set_xticklabels(labels)
+                axes[0].set_ylabel("allocator peak, MiB")
+                axes[0].set_title(f"Attention heads fwd+bwd, B={d['config']['block_batch']}")
+                axes[0].legend(fontsize=8)
+            if dan:
+                x = range(len(dan))
+                axes[1].bar([i - 0.2 for i in x], [r["ref_alloc_peak_bytes"] / 2**20 for r in dan], 0.4,
+                            label="authors' structure")
+                axes[1].bar([i + 0.2 for i in x], [r["ours_alloc_peak_bytes"] / 2**20 for r in dan], 0.4,
+                            label="dan-layers")
+                axes[1].set_xticks(list(x))
+                axes[1].set_xticklabels([f"{r['size']}px" for r in dan])
+                axes[1].set_ylabel("allocator peak of a step, MiB")
+                axes[1].set_title(f"DAN training step, B={d['config']['batch']}")
+                axes[1].legend(fontsize=8)
+            save(fig, f"dan_memory{tag}.png")
+    return written
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def load_results(folder: Path) -> dict[str, dict]:
+    found = {}
+    for base in ORDER:
+        for path in sorted(folder.glob(f"{base}*.json")):
+            stem = path.stem
+            if stem != base and not stem.startswith(base + "-"):
+                continue
+            found[stem] = json.loads(path.read_text())
+    return found
+
+
+def render(results: dict[str, dict], folder: Path, images: Sequence[Path]) -> str:
+    lines = ["# dan-layers benchmark results", ""]
+    run_all = folder / "run_all.json"
+    if run_all.exists():
+        rec = json.loads(run_all.read_text())
+        lines.append(f"Full suite run by `benchmarks/run_all.py` in {rec.get('total_seconds', 0):.0f} s"
+                     + (" (--quick)" if rec.get("quick") else "") + ".")
+        lines.append("")
+    envs = {json.dumps({k: v for k, v in d["env"].items() if k in ("cpu", "torch", "device", "gpu")},
+                       sort_keys=True): d["env"] for d in results.values()}
+    lines.append("Machines:")
+    lines.append("")
+    for env in envs.values():
+        lines.append(f"- {env_line(env)}")
+    lines.append("")
+    lines.append("Timing: the implementations being compared run in one process, interleaved (one call "
+                 "of each per round, order rotated), after a warm-up round; the tables give medians and "
+                 "ratios of medians. Speedups > 1 favour dan-layers.")
+    for key, d in results.items():
+        base, suffix = (key.split("-", 1) + [""])[:2]
+        title, fn = SECTIONS[base]
+        lines += ["", f"## {title}" + (f" ({suffix})" if suffix else ""), ""]
+        lines.append(f"{d.get('question', '')}. Reproduce: `{_repro(d)}`.")
+        if d["config"].get("quick"):
+            lines.append("")
+            lines.append("**Quick (smoke-test) run: sizes and repeats are tiny; numbers are not meaningful.**")
+        lines += ["", fn(d)]
+        img = folder / f"{key}.png"
+        if img in images:
+            lines += ["", f"![{key}]({img.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _repro(d: dict) -> str:
+    cmd = d.get("command", "")
+    parts = cmd.split()
+    # show the script path relative to the repository, drop the --out folder
+    out, skip = [], False
+    for tok in parts:
+        if skip:
+            skip = False
+            continue
+        if tok == "--out":
+            skip = True
+            continue
+        if tok.endswith(".py") and "benchmarks" in tok:
+            tok = "benchmarks/" + Path(tok).name
+        out.append(tok)
+    return " ".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=HERE / "results")
+    p.add_argument("--md", type=Path, default=None, help="default <results>/RESULTS.md")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    results = load_results(args.results)
+    if not results:
+        print(f"no results in {args.results}")
+        return 1
+    images = [] if args.no_plots else plot_all(results, args.results)
+    md = args.md or args.results / "RESULTS.md"
+    md.write_text(render(results, args.results, images))
+    print(f"wrote {md}" + (f" and {len(images)} plots" if images else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
