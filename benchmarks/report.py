@@ -9,6 +9,7 @@ Device/dtype variants (``heads_train-cuda-bfloat16.json`` ...) get their own sec
 from __future__ import annotations
 
 import argparse
+import shutil
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -385,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=HERE / "results")
     p.add_argument("--md", type=Path, default=None, help="default <results>/RESULTS.md")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--docs", type=Path, default=None,
+                   help="also publish into this mkdocs page, between its <!-- bench:results --> markers; "
+                        "plots are copied to assets/bench/ beside it")
     args = p.parse_args(argv)
     results = load_results(args.results)
     if not results:
@@ -394,7 +398,29 @@ def main(argv: list[str] | None = None) -> int:
     md = args.md or args.results / "RESULTS.md"
     md.write_text(render(results, args.results, images))
     print(f"wrote {md}" + (f" and {len(images)} plots" if images else ""))
+    if args.docs:
+        publish(md.read_text(), images, args.docs)
+        print(f"published into {args.docs}")
     return 0
+
+
+BEGIN, END = "<!-- bench:results -->", "<!-- /bench:results -->"
+
+
+def publish(markdown: str, images: Sequence[Path], page: Path) -> None:
+    """Replace the text between the page's result markers; copy the plots next to it."""
+    text = page.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{page}: expected the markers {BEGIN} and {END}")
+    assets = page.parent / "assets" / "bench"
+    assets.mkdir(parents=True, exist_ok=True)
+    body = markdown.split("\n", 1)[1]  # drop the page title of RESULTS.md
+    body = body.replace("\n## ", "\n### ")
+    for image in images:
+        shutil.copy2(image, assets / image.name)
+        body = body.replace(f"]({image.name})", f"](assets/bench/{image.name})")
+    head, rest = text.split(BEGIN, 1)
+    page.write_text(head + BEGIN + "\n" + body.strip() + "\n" + END + rest.split(END, 1)[1])
 
 
 if __name__ == "__main__":
