@@ -1,0 +1,313 @@
+"""examples/train_dan.py: smoke runs on every data kind, checkpoints, exact resume, DDP.
+
+The script's ``main(argv) -> dict`` is called in-process (fast); only the torchrun
+test starts processes. Everything is tiny: 32 px images, a few dozen samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
+
+import dan  # noqa: E402
+import train_dan  # noqa: E402
+
+# a run as small as a run can be: 32 px, 3 steps of 8, 1 epoch, no figures
+TINY = [
+    "--image-size", "32",
+    "--batch-size", "8",
+    "--epochs", "1",
+    "--num-workers", "0",
+    "--threads", "1",
+    "--no-progress",
+    "--no-plots",
+]  # fmt: skip
+SYNTH = ["--data", "synthetic", "--synthetic-train", "28", "--synthetic-test", "14"]
+
+
+def run(out: Path, *args: str) -> dict:
+    return train_dan.main([*TINY, "--out", str(out), *args])
+
+
+def _check_metrics(m: dict, num_classes: int) -> None:
+    final = m["final"]
+    assert 0.0 <= final["accuracy"] <= 1.0
+    assert 0.0 <= final["balanced_accuracy"] <= 1.0
+    cm = torch.tensor(final["confusion_matrix"])
+    assert cm.shape == (num_classes, num_classes)
+    assert int(cm.sum()) == final["samples"]
+    assert m["last"]["samples"] == final["samples"]
+    assert len(m["class_names"]) == num_classes
+    assert m["env"]["torch"] == torch.__version__
+    assert m["env"]["world_size"] == 1
+    for e in m["epochs"]:
+        for k in ("loss", "ce", "affinity", "partition", "accuracy", "balanced_accuracy"):
+            assert k in e["train"]
+        assert e["val"] is not None
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------
+
+
+def test_presets_and_overrides():
+    cfg, src = train_dan.resolve_config(["--preset", "rafdb", "--data-root", "x", "--lr", "0.01"])
+    assert cfg["optimizer"] == "sgd" and cfg["momentum"] == 0.9 and cfg["weight_decay"] == 1e-4
+    assert (cfg["scheduler"], cfg["step_size"], cfg["gamma"]) == ("step", 10, 0.1)
+    assert (cfg["epochs"], cfg["batch_size"], cfg["image_size"]) == (40, 256, 224)
+    assert cfg["num_centers"] == 8 and cfg["data"] == "rafdb"
+    assert cfg["lr"] == 0.01 and src["lr"] == "flag" and src["momentum"] == "preset:rafdb"
+    cfg, _ = train_dan.resolve_config(["--data", "affectnet", "--data-root", "x"])
+    assert cfg["preset"] == "affectnet" and cfg["optimizer"] == "adam" and cfg["lr"] == 1e-4
+    assert (cfg["scheduler"], cfg["gamma"], cfg["balanced_sampler"]) == ("exponential", 0.6, True)
+    cfg, _ = train_dan.resolve_config([])
+    assert cfg["data"] == "synthetic" and cfg["preset"] == "demo"
+    with pytest.raises(SystemExit):
+        train_dan.resolve_config(["--data", "rafdb"])  # needs --data-root
+    with pytest.raises(SystemExit):
+        train_dan.resolve_config(["--eval-only"])  # needs --checkpoint
+
+
+def test_centres_are_optimised_and_inside_the_wrapped_module():
+    cfg, _ = train_dan.resolve_config(["--num-heads", "2", "--center-weight-decay", "0.0"])
+    net = train_dan.build_model(cfg, 7)
+    opt = train_dan.build_optimizer(cfg, net)
+    centres = net.affinity.centers
+    assert any(p is centres for p in net.parameters())  # DDP wraps `net`: centres synced
+    groups = [g for g in opt.param_groups if any(p is centres for p in g["params"])]
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_opt == sum(p.numel() for p in net.parameters())
+
+
+def test_atomic_write_survives_interrupt(tmp_path):
+    path = tmp_path / "last.pt"
+    train_dan.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def boom(f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_dan.atomic_write(path, boom)
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left
+    best = tmp_path / "best.pt"
+    train_dan.save_checkpoint({"epoch": 2}, path, also=[best])
+    assert torch.load(best, weights_only=True)["epoch"] == 2 and best.samefile(path)
+    train_dan.save_checkpoint({"epoch": 3}, path)  # best.pt keeps epoch 2
+    assert torch.load(best, weights_only=True)["epoch"] == 2
+    assert torch.load(path, weights_only=True)["epoch"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+# ----------------------------------------------------------------------------------------
+# Runs
+# ----------------------------------------------------------------------------------------
+
+
+def test_synthetic_run_writes_everything(tmp_path):
+    out = tmp_path / "run"
+    m = run(out, *SYNTH, "--plots", "--viz-faces", "3", "--epochs", "2")
+    _check_metrics(m, 7)
+    assert [e["epoch"] for e in m["epochs"]] == [1, 2]
+    assert m["final"]["epoch"] == m["best_epoch"]
+    assert m["last"]["epoch"] == 2
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["final"]["confusion_matrix"] == m["final"]["confusion_matrix"]
+    assert on_disk["complete"] is True and on_disk["train_seconds"] > 0
+    for name in ("confusion_matrix.png", "attention_maps.png", "last.pt", "best.pt"):
+        assert (out / name).stat().st_size > 0, name
+    # checkpoints hold only weights_only-loadable data
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    for key in ("model", "loss_centers", "optimizer", "scheduler", "scaler", "epoch",
+                "global_step", "best_metric", "args", "rng"):  # fmt: skip
+        assert key in ckpt, key
+    assert ckpt["epoch"] == 2 and isinstance(ckpt["args"], dict)
+    assert torch.equal(ckpt["loss_centers"], ckpt["model"]["affinity.centers"])
+
+
+def test_eval_only_reproduces_the_last_epoch(tmp_path):
+    out = tmp_path / "run"
+    m = run(out, *SYNTH, "--val-fraction", "0")  # no validation: final = last epoch
+    assert m["final"]["epoch"] == m["last"]["epoch"] == 1
+    e = train_dan.main(
+        [
+            *TINY,
+            *SYNTH,
+            "--eval-only",
+            "--checkpoint",
+            str(out / "last.pt"),
+            "--out",
+            str(tmp_path / "eval"),
+        ]  # fmt: skip
+    )
+    assert e["final"]["confusion_matrix"] == m["last"]["confusion_matrix"]
+    assert (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_eval_only_authors_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    state = dan.to_official_state_dict(dan.DAN(num_classes=7, num_heads=2))  # their key names
+    path = tmp_path / "rafdb_epoch1_acc0.9.pth"
+    torch.save({"iter": 1, "model_state_dict": state}, path)
+    m = train_dan.main([*TINY, *SYNTH, "--eval-only", "--checkpoint", str(path),
+                        "--out", str(tmp_path / "eval"), "--plots", "--viz-faces", "2"])  # fmt: skip
+    assert m["final"]["samples"] == 14 and m["final"]["epoch"] == 1
+    assert m["final"]["checkpoint_kind"].startswith("authors'")
+    for name in ("metrics.json", "confusion_matrix.png", "attention_maps.png"):
+        assert (tmp_path / "eval" / name).exists()
+    del state["cat_head1.ca.attention.3.bias"]
+    torch.save({"model_state_dict": state}, path)
+    with pytest.raises(dan.CheckpointError, match=r"cat_head1\.ca\.attention\.3\.bias"):
+        train_dan.main([*TINY, *SYNTH, "--eval-only", "--checkpoint", str(path),
+                        "--out", str(tmp_path / "eval")])  # fmt: skip
+
+
+def test_resume_rejects_a_wrong_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"model": {}}, out / "last.pt")
+    with pytest.raises(SystemExit, match="not a train_dan.py checkpoint"):
+        run(out, *SYNTH, "--resume")
+    (out / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(dan.CheckpointError, match="cannot read checkpoint"):
+        run(out, *SYNTH, "--resume")
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
+    args = [*SYNTH, "--epochs", "3", "--scheduler", "cosine", "--warmup-epochs", "0.5",
+            "--affinity", "affinity", "--partition", "official", "--num-centers", "8"]  # fmt: skip
+    full = run(tmp_path / "full", *args)
+
+    # the same run, interrupted (Ctrl-C) in the middle of epoch 3 ...
+    real_update = train_dan._update
+    calls = {"n": 0}
+
+    def interrupting_update(*a, **k):
+        if torch.is_grad_enabled():  # a training step (evaluation runs under no_grad)
+            calls["n"] += 1
+            if calls["n"] == 2 * 3 + 2:  # 3 steps per epoch: second step of epoch 3
+                raise KeyboardInterrupt
+        return real_update(*a, **k)
+
+    monkeypatch.setattr(train_dan, "_update", interrupting_update)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", *args)
+    monkeypatch.setattr(train_dan, "_update", real_update)
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 2
+
+    # ... then resumed: bit-identical weights, centres, optimizer state and metrics
+    resumed = run(tmp_path / "cut", *args, "--resume")
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["loss_centers"], b["loss_centers"])
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for i, sa in a["optimizer"]["state"].items():
+        for name, va in sa.items():  # AdamW: step, exp_avg, exp_avg_sq
+            assert torch.equal(torch.as_tensor(va), torch.as_tensor(b["optimizer"]["state"][i][name]))
+    assert a["scheduler"] == b["scheduler"] and a["global_step"] == b["global_step"]
+    assert resumed["final"]["confusion_matrix"] == full["final"]["confusion_matrix"]
+    assert [e["train"]["loss"] for e in resumed["epochs"]] == [e["train"]["loss"] for e in full["epochs"]]
+
+
+def test_stop_after_epoch_then_resume(tmp_path):
+    out = tmp_path / "run"
+    part = run(out, *SYNTH, "--epochs", "2", "--stop-after-epoch", "1")
+    assert part["complete"] is False and len(part["epochs"]) == 1
+    done = run(out, *SYNTH, "--epochs", "2", "--resume", "--lr", "0.5")  # --lr is ignored
+    assert done["complete"] is True and [e["epoch"] for e in done["epochs"]] == [1, 2]
+    assert done["config"]["lr"] != 0.5 and done["config_sources"]["lr"] == "checkpoint"
+
+
+def test_backbone_weights_flag_and_loss_switches(tmp_path):
+    trunk = dan.ResNet18Features()
+    state = dict(trunk.state_dict())
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
+    path = tmp_path / "resnet18_msceleb.pth"
+    torch.save({"state_dict": state}, path)
+    m = run(tmp_path / "run", *SYNTH, "--backbone-weights", str(path), "--affinity", "center",
+            "--partition", "none", "--num-heads", "1", "--amp")  # fmt: skip
+    assert m["backbone_weights_report"]["dropped"] == ["fc.bias", "fc.weight"]
+    assert m["backbone_weights_report"]["missing"] == []
+    assert m["epochs"][0]["train"]["partition"] == 0.0
+    assert any("amp torch.bfloat16" in t for t in m["tricks"])
+    del state["layer1.0.conv1.weight"]
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(dan.CheckpointError, match=r"layer1\.0\.conv1\.weight"):
+        run(tmp_path / "run2", *SYNTH, "--backbone-weights", str(path))
+
+
+# ----------------------------------------------------------------------------------------
+# Real-data readers (tiny trees from conftest.py)
+# ----------------------------------------------------------------------------------------
+
+
+def test_rafdb_run_skips_corrupt_images(tmp_path, make_rafdb_tree):
+    root = make_rafdb_tree(tmp_path, 21, n_test=7, corrupt=2, columns=3)
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        m = run(tmp_path / "run", "--preset", "rafdb", "--data-root", str(root))
+    _check_metrics(m, 7)
+    assert m["config"]["optimizer"] == "sgd" and m["config"]["num_centers"] == 8
+    e = m["epochs"][0]
+    assert e["train"]["samples"] + e["val"]["samples"] == 21 - 2  # both corrupt files skipped
+    assert m["final"]["samples"] == 7
+
+
+def test_affectnet_seven_classes_balanced(tmp_path, make_affectnet_tree):
+    root = make_affectnet_tree(tmp_path, 2)
+    m = run(tmp_path / "run", "--data", "affectnet", "--data-root", str(root),
+            "--num-classes", "7", "--lr", "1e-3")  # fmt: skip
+    _check_metrics(m, 7)
+    assert "Contempt" not in m["class_names"]
+    assert m["config"]["balanced_sampler"] is True and m["config"]["optimizer"] == "adam"
+    assert m["final"]["samples"] == 14  # the val folder, Contempt dropped
+
+
+def test_imagefolder_run(tmp_path, make_imagefolder_tree):
+    root = make_imagefolder_tree(tmp_path, 4)
+    m = run(tmp_path / "run", "--data", "imagefolder", "--data-root", str(root),
+            "--no-balanced-sampler", "--augment", "none")  # fmt: skip
+    _check_metrics(m, 3)
+    assert m["class_names"] == ["Angry", "Happy", "Neutral"]
+    assert m["final"]["samples"] == 12
+
+
+# ----------------------------------------------------------------------------------------
+# torchrun: 2 CPU processes, gloo
+# ----------------------------------------------------------------------------------------
+
+
+def test_torchrun_two_processes_keep_centres_identical(tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(EXAMPLES / "train_dan.py"), *TINY, *SYNTH, "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["ddp"]["world_size"] == 2 and m["env"]["batch_size_per_rank"] == 4
+    hashes = m["ddp"]["centers_sha256"]
+    assert len(hashes) == 2 and hashes[0] == hashes[1] and hashes[0] is not None
+    assert m["ddp"]["model_sha256"][0] == m["ddp"]["model_sha256"][1]
+    assert m["final"]["samples"] == 14  # every test face counted once over both ranks
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert train_dan.tensor_sha256(ckpt["loss_centers"]) == hashes[0]
+    assert len(ckpt["rng"]) == 2
