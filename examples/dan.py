@@ -39,6 +39,7 @@ __all__ = [
     "BasicBlock",
     "CheckpointError",
     "ResNet18Features",
+    "check_state_dict_keys",
     "count_macs",
     "format_key_report",
     "infer_official_config",
@@ -290,7 +291,8 @@ def format_key_report(missing: list[str], unexpected: list[str], shapes: list[st
     return "\n  ".join(parts)
 
 
-def _check_keys(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], what: str) -> None:
+def check_state_dict_keys(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], what: str) -> None:
+    """Raise :class:`CheckpointError` naming every missing, unexpected or misshapen key."""
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     shapes = [
@@ -420,7 +422,7 @@ def load_official_checkpoint(model: DAN, path_or_state_dict: str | os.PathLike[s
     """
     state = read_state_dict(path_or_state_dict)
     expected = official_key_names(model)
-    _check_keys({k: torch.empty(s) for k, s in expected.items()}, state, "authors' DAN checkpoint")
+    check_state_dict_keys({k: torch.empty(s) for k, s in expected.items()}, state, "authors' DAN checkpoint")
 
     backbone_state = {}
     for k, v in state.items():

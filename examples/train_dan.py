@@ -144,6 +144,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "warmup_epochs": 0.3,
         "partition": "paper",
         "threads": "auto",
+        "amp": True,  # bf16 autocast on CPU: ~1.4x faster on CPUs with AVX512-BF16/AMX
     },
     "rafdb": {
         "data": "rafdb",
@@ -1243,16 +1244,7 @@ CHECKPOINT_FORMAT = "dan-layers/train_dan/1"
 
 
 def _load_model_state(model: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state))
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        raise dan_model.CheckpointError(dan_model.format_key_report(missing, unexpected, shapes, what))
+    dan_model.check_state_dict_keys(model.state_dict(), state, what)
     model.load_state_dict(state, strict=True)
 
 
