@@ -9,8 +9,8 @@ Device/dtype variants (``heads_train-cuda-bfloat16.json`` ...) get their own sec
 from __future__ import annotations
 
 import argparse
-import shutil
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any

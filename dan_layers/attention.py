@@ -3,10 +3,13 @@ r"""DAN's multi-head cross attention network (MAN): spatial and channel attentio
 Paper: "Distract Your Attention: Multi-head Cross Attention Network for Facial
 Expression Recognition", Sec. 3.2, Eq. 3-4, Fig. 4 (https://arxiv.org/abs/2109.07270).
 
-Every module here takes ``num_heads`` and computes all heads at once: the heads
-share their input, so the first 1x1 convolution is one wide convolution, the
-3x3 / 1x3 / 3x1 branches are grouped convolutions (one group per head), and the
-channel attention's linear layers are batched per head. Parameters are stacked
+Every module here takes ``num_heads`` and holds all heads in one set of tensors:
+the first 1x1 convolution is one wide convolution, the 3x3 / 1x3 / 3x1 branches
+are grouped convolutions (one group per head), and the channel attention's
+linear layers are batched per head. On CUDA the grouped convolutions run as
+they are (few kernel launches); on CPU each head's convolutions run as dense
+convolutions on chunks of the same weights, channels-last in training, because
+oneDNN runs those faster (same results). Parameters are stacked
 head after head along the output dimension, so that with ``num_heads=1`` the
 state-dict keys and shapes are exactly those of the authors' per-head modules
 (``conv1x1.0``, ``conv_3x3.1``, ``attention.3`` ...).
@@ -21,13 +24,14 @@ Axis legend: ``b`` batch, ``k`` heads, ``c`` channels, ``r`` reduced channels,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.nn.modules import module as torch_module
 from typing_extensions import Self
 
 from dan_layers import functional as DF
@@ -92,6 +96,57 @@ def _batchnorm_update_factor(bn: nn.modules.batchnorm._BatchNorm) -> float:
     return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward or backward hook (global, or on any of ``modules`` and their children) is set."""
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
+        return True
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for module in modules
+        for m in module.modules()
+    )
+
+
+def _per_head_conv_bn(module: nn.Module, *, num_heads: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """``(i, x) -> BN_i(conv_i(x))``: head ``i`` of a grouped convolution (+ BatchNorm) holding all heads.
+
+    ``module`` is a ``Conv2d``, or a ``Sequential`` of a ``Conv2d`` and a
+    ``BatchNorm2d`` (or ``Identity`` once folded). The weights and buffers are
+    chunked once per tensor (slicing each head apart would make every slice's
+    backward materialise a full-size zero tensor); running statistics are updated
+    in place through the chunks, and the batch counter counts this forward once,
+    as BatchNorm's own forward does.
+    """
+    conv, norm = (module[0], module[1]) if isinstance(module, nn.Sequential) else (module, None)
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"expected a Conv2d, got {type(conv).__name__}")
+
+    def chunks(t: torch.Tensor | None) -> Sequence[torch.Tensor | None]:
+        return [None] * num_heads if t is None else t.chunk(num_heads)
+
+    weight, bias = conv.weight.chunk(num_heads), chunks(conv.bias)
+    padding: Any = conv.padding  # a tuple here; F.conv2d's stub does not list the string form
+
+    def head_conv(i: int, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, weight[i], bias[i], conv.stride, padding, conv.dilation)
+
+    if not isinstance(norm, nn.BatchNorm2d):
+        return head_conv
+    bn = norm
+    gamma, beta = chunks(bn.weight), chunks(bn.bias)
+    mean, var = chunks(bn.running_mean), chunks(bn.running_var)
+    use_batch_stats = bn.training or bn.running_mean is None
+    factor = _batchnorm_update_factor(bn)
+
+    def head(i: int, x: torch.Tensor) -> torch.Tensor:
+        out = head_conv(i, x)
+        return F.batch_norm(out, mean[i], var[i], gamma[i], beta[i], use_batch_stats, factor, bn.eps)
+
+    return head
+
+
 def _require_eval(module: nn.Module) -> None:
     if module.training:
         raise RuntimeError(
@@ -151,7 +206,7 @@ class SpatialAttention(nn.Module):
 
     Args:
         in_channels: channels $C$ of the input feature map.
-        num_heads: heads $K$ computed together (grouped convolutions).
+        num_heads: heads $K$, held together as grouped convolutions.
         reduction: width reduction $r$ of the 1x1 convolution (DAN: 2).
         kernel_sizes: kernel sizes of the parallel branches, odd numbers.
         validate: check inputs.
@@ -249,46 +304,55 @@ class SpatialAttention(nn.Module):
         """
         if self.validate:
             self._check_input(x)
+        if self._runs_heads_apart(x):
+            return self._per_head_maps(x)
         y = self.conv1x1(x)
-        if self.training and self.num_heads > 1 and x.device.type == "cpu":
-            return self._per_head_maps(y)
         z = getattr(self, self.branch_names[0])(y)
         for name in self.branch_names[1:]:
             z = z + getattr(self, name)(y)
         z = self.relu(z)
         return rearrange(z, "b (k c) h w -> b k c h w", k=self.num_heads).sum(dim=2)
 
-    def _per_head_maps(self, y: torch.Tensor) -> torch.Tensor:
-        """Branches as K dense convolutions on chunks of the grouped weights (CPU training).
+    def _runs_heads_apart(self, x: torch.Tensor) -> bool:
+        """Whether ``_per_head_maps`` computes the maps rather than the grouped convolutions.
 
-        Same parameters, same result and the same BatchNorm running-statistic
-        updates as the grouped path; oneDNN's dense convolutions train faster on
-        CPU than its grouped ones (benchmarks/heads_train.py), and per-head tensors
-        stay in cache. ``chunk`` (one split per tensor, not one slice per head)
-        keeps the backward from materialising a full-size zero tensor per head.
+        Only on CPU, and only while no hook watches the convolution or BatchNorm
+        modules: the per-head path calls the functional ops, so module hooks (FLOP
+        counters, feature extractors) would not see them; with a hook the modules
+        run as such.
+        """
+        return (
+            x.device.type == "cpu"
+            and (self.training or self.num_heads > 1)
+            and not _hooked(self.conv1x1, *(getattr(self, name) for name in self.branch_names))
+        )
+
+    def _per_head_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Each head's maps from its own dense convolutions (the CPU path).
+
+        Same parameters, maps, gradients and BatchNorm running statistics (and batch
+        counts) as the grouped convolutions: every head's convolutions and
+        BatchNorms run on chunks of the grouped weights and buffers. On CPU oneDNN
+        runs dense convolutions faster than grouped ones, and one head's tensors
+        stay in cache while it runs. In training the input goes channels-last
+        first, because there oneDNN's convolutions and BatchNorm train faster
+        (at 256-512 channels on 7x7 maps: the 1x1 convolution about 30%, the 1x3
+        about 10%, the 3x3 about 4%, BatchNorm about 2x); see
+        ``benchmarks/heads_train.py`` and ``benchmarks/heads_inference.py``.
         """
         k = self.num_heads
-        inputs = y.chunk(k, dim=1)
-        sums: list[torch.Tensor] = []
-        for name in self.branch_names:
-            conv, bn = getattr(self, name)
-            weights, biases = conv.weight.chunk(k), conv.bias.chunk(k)
-            gammas, betas = bn.weight.chunk(k), bn.bias.chunk(k)
-            use_batch_stats = bn.training or bn.running_mean is None
-            means = variances = [None] * k
-            if bn.running_mean is not None:
-                means, variances = bn.running_mean.chunk(k), bn.running_var.chunk(k)
-            factor = _batchnorm_update_factor(bn)
-            for i in range(k):
-                out = F.conv2d(inputs[i], weights[i], biases[i], padding=conv.padding)
-                out = F.batch_norm(
-                    out, means[i], variances[i], gammas[i], betas[i], use_batch_stats, factor, bn.eps
-                )
-                if len(sums) < k:
-                    sums.append(out)
-                else:
-                    sums[i] = sums[i] + out
-        return torch.stack([self.relu(z).sum(dim=1) for z in sums], dim=1)
+        if self.training:
+            x = x.contiguous(memory_format=torch.channels_last)
+        reduce = _per_head_conv_bn(self.conv1x1, num_heads=k)
+        branches = [_per_head_conv_bn(getattr(self, name), num_heads=k) for name in self.branch_names]
+        maps = []
+        for i in range(k):
+            y = reduce(i, x)
+            z = branches[0](i, y)
+            for branch in branches[1:]:
+                z = z + branch(i, y)
+            maps.append(self.relu(z).sum(dim=1))
+        return torch.stack(maps, dim=1)
 
     def forward(
         self, x: torch.Tensor, return_attention: bool = False
@@ -538,9 +602,12 @@ class MultiHeadAttentionBlock(nn.Module):
     $$h_k = \mathrm{CA}_k\Big(\frac{1}{HW}\sum_{h,w} x \odot \mathrm{SA}_k(x)\Big),\qquad
       \text{output} = [h_1, \dots, h_K]$$
 
-    The authors keep $K$ separate modules and loop over them; here all heads run
-    at once (grouped convolutions, batched linear layers, and one einsum that
-    pools $x$ under the $K$ maps without forming $K$ scaled copies). The result
+    The authors keep $K$ separate modules and loop over them; here the heads'
+    parameters are held together (grouped convolutions, batched linear layers)
+    and one einsum pools $x$ under the $K$ maps without forming $K$ scaled copies.
+    On CUDA the grouped convolutions run as such; on CPU each head's
+    convolutions run as dense ones on chunks of the same weights (channels-last
+    in training), which oneDNN runs faster. The result
     equals the per-head computation;
     [`load_from_heads`][dan_layers.MultiHeadAttentionBlock.load_from_heads] and
     [`split_heads`][dan_layers.MultiHeadAttentionBlock.split_heads] convert between

@@ -206,6 +206,97 @@ class TestSpatialAttention:
         x = torch.randn(2, 16, 5, 6)
         torch.testing.assert_close(sa(x.to(memory_format=torch.channels_last)), sa(x), rtol=1e-5, atol=1e-6)
 
+    @pytest.mark.parametrize(
+        "num_heads,kernels,bn_kwargs,mode",
+        [
+            (1, ((3, 3), (1, 3), (3, 1)), {}, "train"),
+            (3, ((3, 3), (1, 3), (3, 1)), {}, "train"),
+            (2, ((5, 3), (1, 1)), {"momentum": None}, "train"),
+            (2, ((3, 3),), {"track_running_stats": False}, "train"),
+            (3, ((3, 3), (1, 3), (3, 1)), {}, "eval"),
+            (3, ((3, 3), (1, 3), (3, 1)), {}, "reparameterized"),
+        ],
+    )
+    def test_cpu_path_equals_grouped_path(self, monkeypatch, num_heads, kernels, bn_kwargs, mode):
+        # on CPU the heads run apart (dense convs on chunks of the grouped weights, channels-last in
+        # training); everything that path computes and updates must be what the grouped convs do
+        def build():
+            sa = SpatialAttention(12, num_heads=num_heads, kernel_sizes=kernels, dtype=torch.float64)
+            for name, module in list(sa.named_modules()):
+                if isinstance(module, nn.BatchNorm2d) and bn_kwargs:
+                    parent, _, child = name.rpartition(".")
+                    bn = nn.BatchNorm2d(module.num_features, dtype=torch.float64, **bn_kwargs)
+                    setattr(sa.get_submodule(parent), child, bn)
+            sa = randomize(sa, seed=num_heads).train(mode == "train")
+            return sa.reparameterize() if mode == "reparameterized" else sa
+
+        apart, grouped = build(), build()
+        grouped.load_state_dict(apart.state_dict())
+        assert apart._runs_heads_apart(torch.zeros(1))
+        monkeypatch.setattr(grouped, "_runs_heads_apart", lambda x: False)
+        x = torch.randn(4, 12, 5, 6, dtype=torch.float64)
+        results = []
+        for sa in (apart, grouped):
+            xx = x.clone().requires_grad_(True)
+            for _ in range(2):  # two steps: the running statistics and batch counts accumulate
+                out, maps = sa(xx, return_attention=True)
+            weights = torch.randn_like(out, generator=torch.Generator().manual_seed(0))
+            (out * weights).sum().backward()
+            results.append((out, maps, xx.grad, {n: p.grad for n, p in sa.named_parameters()}))
+        (out_a, maps_a, gx_a, grads_a), (out_g, maps_g, gx_g, grads_g) = results
+        torch.testing.assert_close(out_a, out_g, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(maps_a, maps_g, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(gx_a, gx_g, rtol=1e-10, atol=1e-10)
+        assert grads_a.keys() == grads_g.keys() and all(g is not None for g in grads_a.values())
+        for name in grads_a:
+            torch.testing.assert_close(grads_a[name], grads_g[name], rtol=1e-9, atol=1e-9, msg=name)
+        buffers_g = dict(grouped.named_buffers())
+        assert dict(apart.named_buffers()).keys() == buffers_g.keys()
+        for name, buf in apart.named_buffers():
+            torch.testing.assert_close(buf, buffers_g[name], rtol=1e-12, atol=1e-12, msg=name)
+
+    @pytest.mark.parametrize(
+        "train,num_heads,channels_last", [(True, 2, True), (True, 1, True), (False, 2, False)]
+    )
+    def test_cpu_path_convolutions(self, monkeypatch, train, num_heads, channels_last):
+        # where the CPU path's speed comes from: one dense conv per head and branch, channels-last in training
+        seen = []
+        real_conv2d = F.conv2d
+
+        def spy(x, weight, *args, **kwargs):
+            seen.append((x.is_contiguous(memory_format=torch.channels_last), weight.shape[0]))
+            return real_conv2d(x, weight, *args, **kwargs)
+
+        monkeypatch.setattr(F, "conv2d", spy)
+        SpatialAttention(16, num_heads=num_heads).train(train)(torch.randn(2, 16, 5, 5))
+        assert len(seen) == num_heads * 4
+        assert {layout for layout, _ in seen} == {channels_last}
+        assert {out for _, out in seen} == {8, 16}  # one head's width: C/2 for the 1x1, C for the branches
+
+    @pytest.mark.parametrize("hook", ["module", "global"])
+    def test_hooks_see_the_convolutions(self, hook):
+        # FLOP counters and feature extractors hook the conv modules: then the modules must run
+        sa = randomize(SpatialAttention(16, num_heads=2), seed=3).eval()
+        x = torch.randn(2, 16, 5, 5)
+        plain = sa(x)
+        calls = []
+
+        def record(module, inputs, output):
+            if isinstance(module, nn.Conv2d):
+                calls.append(module)
+
+        if hook == "module":
+            handles = [m.register_forward_hook(record) for m in sa.modules() if isinstance(m, nn.Conv2d)]
+        else:
+            handles = [torch.nn.modules.module.register_module_forward_hook(record)]
+        try:
+            torch.testing.assert_close(sa(x), plain, rtol=1e-5, atol=1e-6)
+        finally:
+            for h in handles:
+                h.remove()
+        assert len(calls) == 4
+        assert sa._runs_heads_apart(x)  # and back to the fast path once the hooks are gone
+
     def test_gradcheck_eval_float64(self):
         sa = randomize(SpatialAttention(4, kernel_sizes=((3, 3), (1, 3)), dtype=torch.float64), seed=4).eval()
         x = torch.randn(2, 4, 3, 4, dtype=torch.float64, requires_grad=True)
