@@ -367,3 +367,22 @@ def child_env() -> dict[str, str]:
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     return env
+
+
+def grouped_copy(block: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of a dan-layers block that always runs the grouped convolutions.
+
+    On CPU ``SpatialAttention`` runs each head's convolutions as dense ones on chunks
+    of its grouped weights (``SpatialAttention._per_head_maps``); on CUDA it runs the
+    grouped convolutions. The copy takes the grouped path everywhere, so that a
+    benchmark can show what the CPU path buys, on the same weights.
+    """
+    import copy
+
+    from dan_layers import SpatialAttention
+
+    clone = copy.deepcopy(block)
+    for m in clone.modules():
+        if isinstance(m, SpatialAttention):
+            m._runs_heads_apart = lambda x: False  # type: ignore[method-assign]
+    return clone

@@ -3,8 +3,9 @@
 Two levels:
 
 * ``block`` rows: one forward + backward of the attention heads alone (train mode,
-  512 x 7 x 7 input requiring grad), fused ``MultiHeadAttentionBlock`` vs the per-head
-  loop vs the per-head-convolution prototype, measured in this process with the
+  512 x 7 x 7 input requiring grad), ``MultiHeadAttentionBlock`` vs the per-head
+  loop vs the block forced onto its grouped convolutions (``_common.grouped_copy``,
+  what it runs on CUDA), measured in this process with the
   profiler's allocator peak (``_common.profiled_peak_bytes``);
 * ``dan`` rows: one full training step (forward, the three losses, backward, SGD with
   momentum) of ``examples/dan.py``'s DAN vs ``RefDAN`` (same trunk, per-head loop,
@@ -24,7 +25,6 @@ import sys
 
 import _common as C
 import torch
-from prototypes import perhead_forward
 from reference_dan import RefMultiHead, block_from_reference
 
 NAME = "dan_memory"
@@ -66,18 +66,16 @@ def block_rows(heads: list[int], batch: int, channels: int, size: int) -> list[d
         ours = block_from_reference(loop).train()
         x = torch.randn(batch, channels, size, size)
 
-        def step(model, fwd=None, x=x):
-            fwd = fwd or model
-
+        def step(model, x=x):
             def run():
                 model.zero_grad(set_to_none=True)
                 xx = x.detach().requires_grad_()
-                fwd(xx).sum().backward()
+                model(xx).sum().backward()
 
             return run
 
         fns = {"loop": step(loop), "ours": step(ours),
-               "ours_perhead": step(ours, lambda z, m=ours: perhead_forward(m, z))}
+               "ours_grouped": step(C.grouped_copy(ours))}
         row = {"level": "block", "heads": k, "batch": batch}
         for name, fn in fns.items():
             fn()  # warm-up: first-call allocations are not part of a step
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = block_rows(args.block_heads, args.block_batch, channels, fsize)
     C.print_table(rows, ["heads", "batch", "loop_alloc_peak_bytes", "ours_alloc_peak_bytes",
-                         "ours_perhead_alloc_peak_bytes", "loop_over_ours"],
+                         "ours_grouped_alloc_peak_bytes", "loop_over_ours"],
                   title=f"{NAME}: attention heads fwd+bwd, {channels}x{fsize}x{fsize} (allocator peak, bytes)")
     dan_rows = []
     for size in args.sizes:
