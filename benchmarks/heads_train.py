@@ -7,7 +7,7 @@ inside DAN, where the gradient flows on into the backbone). Timed interleaved in
 process; ``speedup = loop time / ours``. Target: ours never slower (speedup >= 1).
 
 ``grouped``: the same block forced onto its grouped convolutions (what it runs on
-CUDA); ``cpu_path_gain = grouped / ours`` is what the CPU path (dense channels-last
+CUDA); ``cpu_path_gain = grouped / ours`` is what the CPU path (dense
 convolutions per head) buys. Parity is checked in float32 (``rel_err_*``, both
 implementations against each other) and in float64 (``rel_err_*_f64``): float32
 input gradients can differ by ~1e-3 where a pre-ReLU value lies within rounding of

@@ -92,7 +92,8 @@ def sec_heads_train(d: dict) -> str:
             f"{_num(s.get('ours_never_slower'))}.")
     if any("cpu_path_gain" in r for r in d["rows"]):
         note += (" `grouped`: the same block forced onto its grouped convolutions (its CUDA path); "
-                 "`grouped / ours` is what the CPU path (dense channels-last convolutions per head) buys.")
+                 "`grouped / ours` is what the CPU path (dense convolutions per head, channels-last "
+                 "on large batches) buys.")
     if any("rel_err_input_grad_f64" in r for r in d["rows"]):
         note += (" Errors are normwise relative differences between the two implementations. In "
                  "float32 an input gradient can differ by ~1e-3 when a pre-ReLU value lies within "

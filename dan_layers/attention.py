@@ -8,7 +8,8 @@ the first 1x1 convolution is one wide convolution, the 3x3 / 1x3 / 3x1 branches
 are grouped convolutions (one group per head), and the channel attention's
 linear layers are batched per head. On CUDA the grouped convolutions run as
 they are (few kernel launches); on CPU each head's convolutions run as dense
-convolutions on chunks of the same weights, channels-last in training, because
+convolutions on chunks of the same weights (channels-last when training on large
+batches), because
 oneDNN runs those faster (same results). Parameters are stacked
 head after head along the output dimension, so that with ``num_heads=1`` the
 state-dict keys and shapes are exactly those of the authors' per-head modules
@@ -49,6 +50,13 @@ __all__ = ["DAN_KERNEL_SIZES", "ChannelAttention", "MultiHeadAttentionBlock", "S
 DAN_KERNEL_SIZES: tuple[tuple[int, int], ...] = ((3, 3), (1, 3), (3, 1))
 
 _FUSED_BRANCH = "conv_fused"
+
+#: Batch x height x width from which the CPU training path goes channels-last. Measured
+#: with 512 channels, K = 4, on a Zen 4 core: channels-last trained the heads 4-14% slower
+#: than NCHW at 256-1024 pixels (4x4 maps, batch 16-64; 7x7, batch 8-16) and 4-7% faster
+#: from 1568 (7x7, batch 32) up, where the per-pixel gains outweigh the per-call weight
+#: conversion.
+_CHANNELS_LAST_MIN_PIXELS = 1200
 
 
 def _reduced_width(in_channels: int, reduction: int, name: str) -> int:
@@ -334,14 +342,15 @@ class SpatialAttention(nn.Module):
         counts) as the grouped convolutions: every head's convolutions and
         BatchNorms run on chunks of the grouped weights and buffers. On CPU oneDNN
         runs dense convolutions faster than grouped ones, and one head's tensors
-        stay in cache while it runs. In training the input goes channels-last
-        first, because there oneDNN's convolutions and BatchNorm train faster
-        (at 256-512 channels on 7x7 maps: the 1x1 convolution about 30%, the 1x3
-        about 10%, the 3x3 about 4%, BatchNorm about 2x); see
-        ``benchmarks/heads_train.py`` and ``benchmarks/heads_inference.py``.
+        stay in cache while it runs. In training on large enough batches the input
+        goes channels-last first: there oneDNN's BatchNorm runs about 2x faster and
+        its 1x1 and 1x3 convolutions 10-30% faster, which outweighs converting the
+        weights on every call once a batch holds at least
+        ``_CHANNELS_LAST_MIN_PIXELS`` pixels per channel (see
+        ``benchmarks/heads_train.py`` and ``benchmarks/heads_inference.py``).
         """
         k = self.num_heads
-        if self.training:
+        if self.training and x.shape[0] * x.shape[2] * x.shape[3] >= _CHANNELS_LAST_MIN_PIXELS:
             x = x.contiguous(memory_format=torch.channels_last)
         reduce = _per_head_conv_bn(self.conv1x1, num_heads=k)
         branches = [_per_head_conv_bn(getattr(self, name), num_heads=k) for name in self.branch_names]
@@ -607,7 +616,7 @@ class MultiHeadAttentionBlock(nn.Module):
     and one einsum pools $x$ under the $K$ maps without forming $K$ scaled copies.
     On CUDA the grouped convolutions run as such; on CPU each head's
     convolutions run as dense ones on chunks of the same weights (channels-last
-    in training), which oneDNN runs faster. The result
+    when training on large batches), which oneDNN runs faster. The result
     equals the per-head computation;
     [`load_from_heads`][dan_layers.MultiHeadAttentionBlock.load_from_heads] and
     [`split_heads`][dan_layers.MultiHeadAttentionBlock.split_heads] convert between

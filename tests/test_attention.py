@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dan_layers import AttentionFusion, ChannelAttention, MultiHeadAttentionBlock, SpatialAttention
+from dan_layers.attention import _CHANNELS_LAST_MIN_PIXELS
 
 # ----------------------------------------------------------------------------- references
 
@@ -207,19 +208,21 @@ class TestSpatialAttention:
         torch.testing.assert_close(sa(x.to(memory_format=torch.channels_last)), sa(x), rtol=1e-5, atol=1e-6)
 
     @pytest.mark.parametrize(
-        "num_heads,kernels,bn_kwargs,mode",
+        "num_heads,kernels,bn_kwargs,mode,batch",
         [
-            (1, ((3, 3), (1, 3), (3, 1)), {}, "train"),
-            (3, ((3, 3), (1, 3), (3, 1)), {}, "train"),
-            (2, ((5, 3), (1, 1)), {"momentum": None}, "train"),
-            (2, ((3, 3),), {"track_running_stats": False}, "train"),
-            (3, ((3, 3), (1, 3), (3, 1)), {}, "eval"),
-            (3, ((3, 3), (1, 3), (3, 1)), {}, "reparameterized"),
+            (1, ((3, 3), (1, 3), (3, 1)), {}, "train", 4),
+            (3, ((3, 3), (1, 3), (3, 1)), {}, "train", 4),
+            (3, ((3, 3), (1, 3), (3, 1)), {}, "train", 48),  # channels-last (48 x 5 x 6 pixels)
+            (2, ((5, 3), (1, 1)), {"momentum": None}, "train", 48),
+            (2, ((3, 3),), {"track_running_stats": False}, "train", 4),
+            (3, ((3, 3), (1, 3), (3, 1)), {}, "eval", 4),
+            (3, ((3, 3), (1, 3), (3, 1)), {}, "reparameterized", 4),
         ],
     )
-    def test_cpu_path_equals_grouped_path(self, monkeypatch, num_heads, kernels, bn_kwargs, mode):
-        # on CPU the heads run apart (dense convs on chunks of the grouped weights, channels-last in
-        # training); everything that path computes and updates must be what the grouped convs do
+    def test_cpu_path_equals_grouped_path(self, monkeypatch, num_heads, kernels, bn_kwargs, mode, batch):
+        # on CPU the heads run apart (dense convs on chunks of the grouped weights, channels-last when
+        # training on large batches); everything that path computes and updates must be what the
+        # grouped convs do
         def build():
             sa = SpatialAttention(12, num_heads=num_heads, kernel_sizes=kernels, dtype=torch.float64)
             for name, module in list(sa.named_modules()):
@@ -234,7 +237,7 @@ class TestSpatialAttention:
         grouped.load_state_dict(apart.state_dict())
         assert apart._runs_heads_apart(torch.zeros(1))
         monkeypatch.setattr(grouped, "_runs_heads_apart", lambda x: False)
-        x = torch.randn(4, 12, 5, 6, dtype=torch.float64)
+        x = torch.randn(batch, 12, 5, 6, dtype=torch.float64)
         results = []
         for sa in (apart, grouped):
             xx = x.clone().requires_grad_(True)
@@ -256,10 +259,13 @@ class TestSpatialAttention:
             torch.testing.assert_close(buf, buffers_g[name], rtol=1e-12, atol=1e-12, msg=name)
 
     @pytest.mark.parametrize(
-        "train,num_heads,channels_last", [(True, 2, True), (True, 1, True), (False, 2, False)]
+        "train,num_heads,batch,channels_last",
+        [(True, 2, 64, True), (True, 1, 64, True), (True, 2, 8, False), (False, 2, 64, False)],
     )
-    def test_cpu_path_convolutions(self, monkeypatch, train, num_heads, channels_last):
-        # where the CPU path's speed comes from: one dense conv per head and branch, channels-last in training
+    def test_cpu_path_convolutions(self, monkeypatch, train, num_heads, batch, channels_last):
+        # where the CPU path's speed comes from: one dense conv per head and branch, channels-last
+        # when training on at least _CHANNELS_LAST_MIN_PIXELS pixels (64 x 5 x 5 is above, 8 x 5 x 5 below)
+        assert 8 * 25 < _CHANNELS_LAST_MIN_PIXELS <= 64 * 25
         seen = []
         real_conv2d = F.conv2d
 
@@ -268,7 +274,7 @@ class TestSpatialAttention:
             return real_conv2d(x, weight, *args, **kwargs)
 
         monkeypatch.setattr(F, "conv2d", spy)
-        SpatialAttention(16, num_heads=num_heads).train(train)(torch.randn(2, 16, 5, 5))
+        SpatialAttention(16, num_heads=num_heads).train(train)(torch.randn(batch, 16, 5, 5))
         assert len(seen) == num_heads * 4
         assert {layout for layout, _ in seen} == {channels_last}
         assert {out for _, out in seen} == {8, 16}  # one head's width: C/2 for the 1x1, C for the branches
