@@ -8,12 +8,11 @@ the first 1x1 convolution is one wide convolution, the 3x3 / 1x3 / 3x1 branches
 are grouped convolutions (one group per head), and the channel attention's
 linear layers are batched per head. On CUDA the grouped convolutions run as
 they are (few kernel launches); on CPU each head's convolutions run as dense
-convolutions on chunks of the same weights (channels-last when training on large
-batches), because
-oneDNN runs those faster (same results). Parameters are stacked
-head after head along the output dimension, so that with ``num_heads=1`` the
-state-dict keys and shapes are exactly those of the authors' per-head modules
-(``conv1x1.0``, ``conv_3x3.1``, ``attention.3`` ...).
+convolutions on chunks of the same weights (channels-last when training on
+large batches), because oneDNN runs those faster (same results). Parameters
+are stacked head after head along the output dimension, so that with
+``num_heads=1`` the state-dict keys and shapes are exactly those of the
+authors' per-head modules (``conv1x1.0``, ``conv_3x3.1``, ``attention.3`` ...).
 
 Departures from the paper, as in the authors' code: the spatial map is not
 passed through a sigmoid (it is an unnormalised sum over channels of a ReLU
