@@ -9,6 +9,7 @@ is the ratio of medians. The interquartile range is kept in the JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -367,6 +368,13 @@ def child_env() -> dict[str, str]:
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     return env
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` to ``dtype`` on ``device``; no context for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def grouped_copy(block: torch.nn.Module) -> torch.nn.Module:

@@ -25,7 +25,6 @@ MACs from the hook-based counter ``dan.count_macs`` (convolutions and linear lay
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import time
 
@@ -38,12 +37,6 @@ from torch import nn
 import dan_layers
 
 NAME = "dan_throughput"
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 class OursLoss(nn.Module):
@@ -80,7 +73,7 @@ def make_train_step(module: nn.Module, x, y, device, dtype, compiled=None):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with autocast(device, dtype):
+        with C.autocast(device, dtype):
             loss = fwd(x, y)
         loss.backward()
         opt.step()
@@ -91,7 +84,7 @@ def make_train_step(module: nn.Module, x, y, device, dtype, compiled=None):
 
 def make_infer(model: nn.Module, x, device, dtype):
     def run():
-        with torch.inference_mode(), autocast(device, dtype):
+        with torch.inference_mode(), C.autocast(device, dtype):
             return model(x)
 
     return run

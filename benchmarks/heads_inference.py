@@ -23,7 +23,6 @@ A torch.profiler breakdown of the K = 4, B = 32 case is stored in the JSON.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import _common as C
@@ -47,12 +46,6 @@ def conv_macs(block: torch.nn.Module, channels: int, size: int) -> int:
         elif hasattr(m, "num_heads") and hasattr(m, "in_features") and hasattr(m, "out_features"):
             total += m.num_heads * m.out_features * m.in_features  # per-head linear
     return total
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def profile_ops(fns: dict, device: torch.device, rounds: int = 3, top: int = 8) -> dict:
@@ -115,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         def call(model, inp):
             def run():
-                with torch.inference_mode(), autocast(device, dtype):
+                with torch.inference_mode(), C.autocast(device, dtype):
                     return model(inp)
             return run
 

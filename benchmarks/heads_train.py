@@ -20,7 +20,6 @@ that the two compute the same function.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import _common as C
@@ -28,12 +27,6 @@ import torch
 from reference_dan import RefMultiHead, block_from_reference
 
 NAME = "heads_train"
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -66,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
                 def run():
                     model.zero_grad(set_to_none=True)
                     xx = x.detach().requires_grad_()
-                    with autocast(device, dtype):
+                    with C.autocast(device, dtype):
                         out = model(xx)
                     (out.to(g.dtype) * g).sum().backward()
                     return out, xx.grad

@@ -304,30 +304,30 @@ def plot_all(results: dict[str, dict], out: Path) -> list[Path]:
             block = [r for r in rows if r.get("level") == "block"]
             fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
             if block:
-                labels = [f"K={r['heads']}" for r in block]
-                x = range(len(block))
-                axes[0].bar([i - 0.2 for i in x], [r["loop_alloc_peak_bytes"] / 2**20 for r in block], 0.4,
-                            label="per-head loop")
-                axes[0].bar([i + 0.2 for i in x], [r["ours_alloc_peak_bytes"] / 2**20 for r in block], 0.4,
-                            label="fused block")
-                axes[0].set_xticks(list(x))
-                axes[0].set_xticklabels(labels)
+                paired_bars(axes[0], [f"K={r['heads']}" for r in block],
+                            ("per-head loop", [r["loop_alloc_peak_bytes"] / 2**20 for r in block]),
+                            ("dan-layers", [r["ours_alloc_peak_bytes"] / 2**20 for r in block]))
                 axes[0].set_ylabel("allocator peak, MiB")
                 axes[0].set_title(f"Attention heads fwd+bwd, B={d['config']['block_batch']}")
-                axes[0].legend(fontsize=8)
             if dan:
-                x = range(len(dan))
-                axes[1].bar([i - 0.2 for i in x], [r["ref_alloc_peak_bytes"] / 2**20 for r in dan], 0.4,
-                            label="authors' structure")
-                axes[1].bar([i + 0.2 for i in x], [r["ours_alloc_peak_bytes"] / 2**20 for r in dan], 0.4,
-                            label="dan-layers")
-                axes[1].set_xticks(list(x))
-                axes[1].set_xticklabels([f"{r['size']}px" for r in dan])
+                paired_bars(axes[1], [f"{r['size']}px" for r in dan],
+                            ("authors' structure", [r["ref_alloc_peak_bytes"] / 2**20 for r in dan]),
+                            ("dan-layers", [r["ours_alloc_peak_bytes"] / 2**20 for r in dan]))
                 axes[1].set_ylabel("allocator peak of a step, MiB")
                 axes[1].set_title(f"DAN training step, B={d['config']['batch']}")
-                axes[1].legend(fontsize=8)
             save(fig, f"dan_memory{tag}.png")
     return written
+
+
+def paired_bars(ax: Any, labels: Sequence[str], left: tuple[str, Sequence[float]],
+                right: tuple[str, Sequence[float]]) -> None:
+    """Two bars per label (baseline left, dan-layers right), with a legend."""
+    x = range(len(labels))
+    for offset, (name, values) in ((-0.2, left), (0.2, right)):
+        ax.bar([i + offset for i in x], values, 0.4, label=name)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels)
+    ax.legend(fontsize=8)
 
 
 # ----------------------------------------------------------------------------- main
