@@ -6,13 +6,22 @@ Expression Recognition", Sec. 3.2, Eq. 3-4, Fig. 4 (https://arxiv.org/abs/2109.0
 Every module here takes ``num_heads`` and holds all heads in one set of tensors:
 the first 1x1 convolution is one wide convolution, the 3x3 / 1x3 / 3x1 branches
 are grouped convolutions (one group per head), and the channel attention's
-linear layers are batched per head. On CUDA the grouped convolutions run as
-they are (few kernel launches); on CPU each head's convolutions run as dense
-convolutions on chunks of the same weights (channels-last when training on
-large batches), because oneDNN runs those faster (same results). Parameters
-are stacked head after head along the output dimension, so that with
-``num_heads=1`` the state-dict keys and shapes are exactly those of the
-authors' per-head modules (``conv1x1.0``, ``conv_3x3.1``, ``attention.3`` ...).
+linear layers are batched per head. Parameters are stacked head after head
+along the output dimension, so that with ``num_heads=1`` the state-dict keys and
+shapes are exactly those of the authors' per-head modules (``conv1x1.0``,
+``conv_3x3.1``, ``attention.3`` ...).
+
+One semantics: every unit runs its submodules as modules, on every device, in
+eager mode and under ``torch.compile`` / ``torch.export``, whatever hooks are
+set. So a module swapped into a slot (``SyncBatchNorm``, ``GroupNorm``, a norm
+of your own) is computed as itself, and forward/backward hooks on any unit or
+submodule fire once per call with the same shapes everywhere. The only
+device-specific code is inside the grouped convolutions (``_HeadwiseConv2d``):
+on CPU each group runs as its own dense convolution, because oneDNN trains
+those faster than one grouped convolution; the result is the grouped
+convolution's. Nothing depends on the batch size or the memory format, so a
+traced graph has no shape guards of ours: the output keeps the input's memory
+format (pass channels-last input to compute channels-last).
 
 Departures from the paper, as in the authors' code: the spatial map is not
 passed through a sigmoid (it is an unnormalised sum over channels of a ReLU
@@ -24,14 +33,15 @@ Axis legend: ``b`` batch, ``k`` heads, ``c`` channels, ``r`` reduced channels,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from torch.nn.modules import module as torch_module
+from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import Self
 
 from dan_layers import functional as DF
@@ -50,12 +60,7 @@ DAN_KERNEL_SIZES: tuple[tuple[int, int], ...] = ((3, 3), (1, 3), (3, 1))
 
 _FUSED_BRANCH = "conv_fused"
 
-#: Batch x height x width from which the CPU training path goes channels-last. Measured
-#: with 512 channels, K = 4, on a Zen 4 core: channels-last trained the heads 4-14% slower
-#: than NCHW at 256-1024 pixels (4x4 maps, batch 16-64; 7x7, batch 8-16) and 4-7% faster
-#: from 1568 (7x7, batch 32) up, where the per-pixel gains outweigh the per-call weight
-#: conversion.
-_CHANNELS_LAST_MIN_PIXELS = 1200
+_KERNEL_SIZES_EXPECTED = "a sequence of (height, width) pairs of odd positive ints, e.g. ((3, 3), (1, 3))"
 
 
 def _reduced_width(in_channels: int, reduction: int, name: str) -> int:
@@ -70,88 +75,87 @@ def _reduced_width(in_channels: int, reduction: int, name: str) -> int:
     return width
 
 
-def _folded(layer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of ``layer`` (conv or linear) with the eval-mode BatchNorm ``bn`` folded in."""
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        raise TypeError(f"expected a BatchNorm layer to fold, got {type(bn).__name__}")
-    mean, var = bn.running_mean, bn.running_var
-    if mean is None or var is None:
-        raise ValueError("expected a BatchNorm with running statistics, got track_running_stats=False")
+def _as_int(value: object) -> int:
+    """``value`` as an int if it is an integer (not a bool, not a float); else ``ValueError``."""
+    if isinstance(value, bool):
+        raise ValueError
+    try:
+        return operator.index(value)  # type: ignore[call-overload, no-any-return]
+    except TypeError:
+        raise ValueError from None
+
+
+def _check_kernel_sizes(kernel_sizes: object) -> tuple[tuple[int, int], ...]:
+    """``kernel_sizes`` as a tuple of ``(kh, kw)`` int pairs, odd, positive and distinct."""
+    if isinstance(kernel_sizes, (str, bytes)) or not isinstance(kernel_sizes, Sequence):
+        raise ValueError(f"kernel_sizes: expected {_KERNEL_SIZES_EXPECTED}, got {kernel_sizes!r}")
+    sizes = []
+    for size in kernel_sizes:
+        if isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or len(size) != 2:
+            raise ValueError(
+                f"kernel_sizes: expected {_KERNEL_SIZES_EXPECTED}, got {tuple(kernel_sizes)!r} "
+                f"(element {size!r} is not a (height, width) pair)"
+            )
+        try:
+            sizes.append((_as_int(size[0]), _as_int(size[1])))
+        except ValueError:
+            raise ValueError(
+                f"kernel_sizes: expected integer sizes, got {tuple(size)!r} in {tuple(kernel_sizes)!r}"
+            ) from None
+    result = tuple(sizes)
+    if not result:
+        raise ValueError("kernel_sizes: expected at least one kernel size, got none")
+    if any(k < 1 or k % 2 == 0 for size in result for k in size):
+        raise ValueError(f"kernel_sizes: expected odd positive sizes, got {result}")
+    if len(set(result)) != len(result):
+        raise ValueError(f"kernel_sizes: expected distinct sizes, got {result}")
+    return result
+
+
+def _has_training_batchnorm(module: nn.Module) -> bool:
+    """Whether a BatchNorm inside ``module`` normalises with batch statistics (train mode)."""
+    return any(
+        isinstance(m, _BatchNorm) and (m.training or not m.track_running_stats) for m in module.modules()
+    )
+
+
+def _is_foldable_norm(norm: nn.Module) -> bool:
+    """An eval-mode affine map: a BatchNorm (any subclass, e.g. SyncBatchNorm) with running stats, or Identity."""
+    if isinstance(norm, nn.Identity):
+        return True
+    return isinstance(norm, _BatchNorm) and norm.running_mean is not None and norm.running_var is not None
+
+
+def _check_foldable(owner: str, slot: str, layer: nn.Module, norm: nn.Module, layer_types: tuple[type, ...]) -> None:
+    """Raise ``ValueError`` naming ``slot`` unless ``layer`` + ``norm`` fold into one affine layer."""
+    if not isinstance(layer, layer_types):
+        names = " or ".join(t.__name__ for t in layer_types)
+        raise ValueError(
+            f"{owner}.reparameterize: expected {slot}[0] to be a {names}, got {type(layer).__name__}"
+        )
+    if not _is_foldable_norm(norm):
+        raise ValueError(
+            f"{owner}.reparameterize: cannot fold {slot}[1] ({type(norm).__name__}) into the layer before "
+            "it; expected a BatchNorm with running statistics (BatchNorm, SyncBatchNorm) or Identity"
+        )
+
+
+def _folded(layer: nn.Module, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``layer`` (conv or linear) with the eval-mode ``norm`` (BatchNorm or Identity) folded in."""
+    weight = cast(torch.Tensor, layer.weight)
+    bias = cast("torch.Tensor | None", layer.bias)
+    if isinstance(norm, nn.Identity):
+        return weight, torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype) if bias is None else bias
+    bn = cast(_BatchNorm, norm)
     return DF.fuse_conv_bn(
-        cast(torch.Tensor, layer.weight),
-        cast("torch.Tensor | None", layer.bias),
-        mean,
-        var,
+        weight,
+        bias,
+        cast(torch.Tensor, bn.running_mean),
+        cast(torch.Tensor, bn.running_var),
         bn.weight,
         bn.bias,
         bn.eps,
     )
-
-
-def _fold_in_place(layer: nn.Module, bn: nn.Module) -> None:
-    """Overwrite ``layer``'s weight and bias with the folded ones (the layer has a bias)."""
-    weight, bias = _folded(layer, bn)
-    cast(torch.Tensor, layer.weight).copy_(weight)
-    cast(torch.Tensor, layer.bias).copy_(bias)
-
-
-def _batchnorm_update_factor(bn: nn.modules.batchnorm._BatchNorm) -> float:
-    """Count a training batch and return the running-average factor, as BatchNorm's forward."""
-    if not (bn.training and bn.track_running_stats and bn.num_batches_tracked is not None):
-        return 0.0
-    bn.num_batches_tracked.add_(1)
-    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-
-
-def _hooked(*modules: nn.Module) -> bool:
-    """Whether a forward or backward hook (global, or on any of ``modules`` and their children) is set."""
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-        return True
-    if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
-        return True
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        for module in modules
-        for m in module.modules()
-    )
-
-
-def _per_head_conv_bn(module: nn.Module, *, num_heads: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    """``(i, x) -> BN_i(conv_i(x))``: head ``i`` of a grouped convolution (+ BatchNorm) holding all heads.
-
-    ``module`` is a ``Conv2d``, or a ``Sequential`` of a ``Conv2d`` and a
-    ``BatchNorm2d`` (or ``Identity`` once folded). The weights and buffers are
-    chunked once per tensor (slicing each head apart would make every slice's
-    backward materialise a full-size zero tensor); running statistics are updated
-    in place through the chunks, and the batch counter counts this forward once,
-    as BatchNorm's own forward does.
-    """
-    conv, norm = (module[0], module[1]) if isinstance(module, nn.Sequential) else (module, None)
-    if not isinstance(conv, nn.Conv2d):
-        raise TypeError(f"expected a Conv2d, got {type(conv).__name__}")
-
-    def chunks(t: torch.Tensor | None) -> Sequence[torch.Tensor | None]:
-        return [None] * num_heads if t is None else t.chunk(num_heads)
-
-    weight, bias = conv.weight.chunk(num_heads), chunks(conv.bias)
-    padding: Any = conv.padding  # a tuple here; F.conv2d's stub does not list the string form
-
-    def head_conv(i: int, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, weight[i], bias[i], conv.stride, padding, conv.dilation)
-
-    if not isinstance(norm, nn.BatchNorm2d):
-        return head_conv
-    bn = norm
-    gamma, beta = chunks(bn.weight), chunks(bn.bias)
-    mean, var = chunks(bn.running_mean), chunks(bn.running_var)
-    use_batch_stats = bn.training or bn.running_mean is None
-    factor = _batchnorm_update_factor(bn)
-
-    def head(i: int, x: torch.Tensor) -> torch.Tensor:
-        out = head_conv(i, x)
-        return F.batch_norm(out, mean[i], var[i], gamma[i], beta[i], use_batch_stats, factor, bn.eps)
-
-    return head
 
 
 def _require_eval(module: nn.Module) -> None:
@@ -162,11 +166,39 @@ def _require_eval(module: nn.Module) -> None:
         )
 
 
+class _HeadwiseConv2d(nn.Conv2d):
+    """A grouped ``nn.Conv2d`` (one group per head) that on CPU runs each group as a dense convolution.
+
+    Same parameters, output and gradients as the grouped convolution: the
+    weight, bias and input are split once per call (one ``split`` each, whose
+    backward is one concatenation) and the groups' outputs concatenated. oneDNN
+    trains dense convolutions about 20% faster than grouped ones on CPU
+    (``benchmarks/heads_train.py``); on other devices the grouped convolution
+    runs as it is. It is a ``Conv2d`` to hooks, FLOP counters and
+    ``isinstance`` checks.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        groups = self.groups
+        if groups == 1 or x.device.type != "cpu" or self.padding_mode != "zeros":
+            return super().forward(x)
+        padding: Any = self.padding  # a tuple or a string; F.conv2d's stub lists only the tuple
+        biases: Sequence[torch.Tensor | None] = [None] * groups if self.bias is None else self.bias.chunk(groups)
+        outputs = [
+            F.conv2d(part, weight, bias, self.stride, padding, self.dilation, 1)
+            for part, weight, bias in zip(x.chunk(groups, dim=1), self.weight.chunk(groups), biases, strict=True)
+        ]
+        return torch.cat(outputs, dim=1)
+
+
 class _HeadwiseLinear(nn.Module):
-    """``num_heads`` independent linear layers applied to ``(B, K, in)``.
+    """``num_heads`` independent linear layers on head-major flattened features ``(B, K * in)``.
 
     ``weight`` is ``(K * out, in)`` and ``bias`` ``(K * out,)``, head after head, so
-    that with one head the layout is that of ``torch.nn.Linear``.
+    that with one head the layout (and the computation) is that of ``torch.nn.Linear``.
+    Input and output keep the heads flattened into the feature dimension, so the
+    BatchNorm1d that follows normalises ``K * out`` channels as a plain (or
+    synchronised) BatchNorm1d does.
     """
 
     def __init__(
@@ -185,12 +217,13 @@ class _HeadwiseLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_heads * out_features, in_features, **fk))
         self.bias = nn.Parameter(torch.empty(num_heads * out_features, **fk))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self.num_heads == 1:
             return F.linear(x, self.weight, self.bias)
-        weight = rearrange(self.weight, "(k o) i -> k o i", k=self.num_heads)
-        bias = rearrange(self.bias, "(k o) -> k o", k=self.num_heads)
-        return torch.einsum("bki,koi->bko", x, weight) + bias
+        k = self.num_heads
+        weight = rearrange(self.weight, "(k o) i -> k o i", k=k)
+        out = torch.einsum("bki,koi->bko", rearrange(x, "b (k i) -> b k i", k=k), weight)
+        return rearrange(out, "b k o -> b (k o)") + self.bias
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"num_heads={self.num_heads}, in_features={self.in_features}, out_features={self.out_features}"
@@ -211,11 +244,19 @@ class SpatialAttention(nn.Module):
     Initialisation as the authors: Kaiming normal (fan out, per head) for the
     convolutions, zero biases, BatchNorm weight 1 and bias 0.
 
+    The slots ``conv1x1`` and ``conv_<kh>x<kw>`` are ``nn.Sequential(conv, norm)``
+    and ``relu`` is a module; all run as modules, so a norm swapped in (for
+    example by ``nn.SyncBatchNorm.convert_sync_batchnorm``) is what is computed,
+    and hooks on them fire once per call with all heads: ``(B, K * C', H, W)``.
+    The output of ``forward`` (what a forward hook on this unit receives) is
+    each head's spatially attended features, the target layer of the authors'
+    Grad-CAM script.
+
     Args:
         in_channels: channels $C$ of the input feature map.
         num_heads: heads $K$, held together as grouped convolutions.
         reduction: width reduction $r$ of the 1x1 convolution (DAN: 2).
-        kernel_sizes: kernel sizes of the parallel branches, odd numbers.
+        kernel_sizes: ``(height, width)`` of each parallel branch, odd ints.
         validate: check inputs.
         device: parameter device.
         dtype: parameter dtype.
@@ -246,13 +287,7 @@ class SpatialAttention(nn.Module):
         super().__init__()
         hidden = _reduced_width(in_channels, reduction, "reduction")
         check_positive("num_heads", num_heads)
-        kernel_sizes = tuple((int(kh), int(kw)) for kh, kw in kernel_sizes)
-        if not kernel_sizes:
-            raise ValueError("kernel_sizes: expected at least one kernel size, got none")
-        if any(k < 1 or k % 2 == 0 for size in kernel_sizes for k in size):
-            raise ValueError(f"kernel_sizes: expected odd positive sizes, got {kernel_sizes}")
-        if len(set(kernel_sizes)) != len(kernel_sizes):
-            raise ValueError(f"kernel_sizes: expected distinct sizes, got {kernel_sizes}")
+        kernel_sizes = _check_kernel_sizes(kernel_sizes)
         self.in_channels = in_channels
         self.num_heads = num_heads
         self.reduction = reduction
@@ -267,7 +302,7 @@ class SpatialAttention(nn.Module):
         names = []
         for kh, kw in kernel_sizes:
             name = f"conv_{kh}x{kw}"
-            conv = nn.Conv2d(
+            conv = _HeadwiseConv2d(
                 k * hidden, k * in_channels, (kh, kw), padding=(kh // 2, kw // 2), groups=k, **fk
             )
             self.add_module(name, nn.Sequential(conv, nn.BatchNorm2d(k * in_channels, **fk)))
@@ -298,10 +333,14 @@ class SpatialAttention(nn.Module):
         check_ndim(x, "x", (4,), "(B, C, H, W)")
         check_size(x, 1, self.in_channels, "x", "in_channels")
         check_same_device(x=x, weights=cast(torch.Tensor, self.conv1x1[0].weight))
-        check_batchnorm_batch(x.shape[0], self.training, "SpatialAttention", x.shape[2] * x.shape[3])
+        if _has_training_batchnorm(self):
+            check_batchnorm_batch(x.shape[0], True, "SpatialAttention", x.shape[2] * x.shape[3])
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """The spatial attention map of every head, before it scales the input.
+
+        Runs the same submodules as ``forward`` (their hooks fire); hooks on the
+        unit itself do not, since this is not ``forward``.
 
         Args:
             x: input feature map $(B, C, H, W)$.
@@ -311,56 +350,12 @@ class SpatialAttention(nn.Module):
         """
         if self.validate:
             self._check_input(x)
-        if self._runs_heads_apart(x):
-            return self._per_head_maps(x)
         y = self.conv1x1(x)
         z = getattr(self, self.branch_names[0])(y)
         for name in self.branch_names[1:]:
             z = z + getattr(self, name)(y)
         z = self.relu(z)
         return rearrange(z, "b (k c) h w -> b k c h w", k=self.num_heads).sum(dim=2)
-
-    def _runs_heads_apart(self, x: torch.Tensor) -> bool:
-        """Whether ``_per_head_maps`` computes the maps rather than the grouped convolutions.
-
-        Only on CPU, and only while no hook watches the convolution or BatchNorm
-        modules: the per-head path calls the functional ops, so module hooks (FLOP
-        counters, feature extractors) would not see them; with a hook the modules
-        run as such.
-        """
-        return (
-            x.device.type == "cpu"
-            and (self.training or self.num_heads > 1)
-            and not _hooked(self.conv1x1, *(getattr(self, name) for name in self.branch_names))
-        )
-
-    def _per_head_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """Each head's maps from its own dense convolutions (the CPU path).
-
-        Same parameters, maps, gradients and BatchNorm running statistics (and batch
-        counts) as the grouped convolutions: every head's convolutions and
-        BatchNorms run on chunks of the grouped weights and buffers. On CPU oneDNN
-        runs dense convolutions faster than grouped ones, and one head's tensors
-        stay in cache while it runs. In training on large enough batches the input
-        goes channels-last first: there oneDNN's BatchNorm runs about 2x faster and
-        its 1x1 and 1x3 convolutions 10-30% faster, which outweighs converting the
-        weights on every call once a batch holds at least
-        ``_CHANNELS_LAST_MIN_PIXELS`` pixels per channel (see
-        ``benchmarks/heads_train.py`` and ``benchmarks/heads_inference.py``).
-        """
-        k = self.num_heads
-        if self.training and x.shape[0] * x.shape[2] * x.shape[3] >= _CHANNELS_LAST_MIN_PIXELS:
-            x = x.contiguous(memory_format=torch.channels_last)
-        reduce = _per_head_conv_bn(self.conv1x1, num_heads=k)
-        branches = [_per_head_conv_bn(getattr(self, name), num_heads=k) for name in self.branch_names]
-        maps = []
-        for i in range(k):
-            y = reduce(i, x)
-            z = branches[0](i, y)
-            for branch in branches[1:]:
-                z = z + branch(i, y)
-            maps.append(self.relu(z).sum(dim=1))
-        return torch.stack(maps, dim=1)
 
     def forward(
         self, x: torch.Tensor, return_attention: bool = False
@@ -373,31 +368,73 @@ class SpatialAttention(nn.Module):
             out = x.unsqueeze(1) * maps.unsqueeze(2)
         return (out, maps) if return_attention else out
 
+    def _check_reparameterizable(self) -> None:
+        """Raise ``ValueError`` naming the first slot that cannot be folded (before anything changes)."""
+        _require_eval(self)
+        if self.is_reparameterized:
+            return
+        for name in ("conv1x1", *self.branch_names):
+            slot = getattr(self, name)
+            if not (isinstance(slot, nn.Sequential) and len(slot) == 2):
+                raise ValueError(
+                    f"SpatialAttention.reparameterize: expected {name} to be Sequential(Conv2d, norm), "
+                    f"got {type(slot).__name__}"
+                )
+            _check_foldable("SpatialAttention", name, slot[0], slot[1], (nn.Conv2d,))
+            conv = slot[0]
+            expected_padding = (conv.kernel_size[0] // 2, conv.kernel_size[1] // 2)
+            if (
+                conv.stride != (1, 1)
+                or conv.dilation != (1, 1)
+                or conv.padding != expected_padding
+                or conv.padding_mode != "zeros"
+            ):
+                raise ValueError(
+                    f"SpatialAttention.reparameterize: expected {name}[0] with stride 1, dilation 1 and "
+                    f"zero 'same' padding {expected_padding}, got stride {conv.stride}, dilation "
+                    f"{conv.dilation}, padding {conv.padding} ({conv.padding_mode})"
+                )
+            expected_groups = 1 if name == "conv1x1" else self.num_heads
+            if conv.groups != expected_groups:
+                raise ValueError(
+                    f"SpatialAttention.reparameterize: expected {name}[0] with groups={expected_groups}, "
+                    f"got groups={conv.groups}"
+                )
+
     @torch.no_grad()
     def reparameterize(self) -> Self:
-        """Fold the BatchNorms and merge the parallel branches into one convolution (eval only).
+        """Fold the norms and merge the parallel branches into one convolution (eval only).
 
         The 1x1 convolution absorbs its BatchNorm; every branch absorbs its
         BatchNorm, is zero-padded to the largest kernel and all are summed into one
         grouped convolution ``conv_fused`` (all are linear before the ReLU). The
-        output is unchanged up to float rounding. Idempotent.
+        output is unchanged up to float rounding. Idempotent. Any BatchNorm with
+        running statistics folds (``SyncBatchNorm`` included: in eval it is a
+        per-channel affine map); ``Identity`` needs no folding; any other module in
+        a slot is refused before anything is changed.
 
         Returns:
             ``self``, modified in place.
 
         Raises:
             RuntimeError: in train mode (the running statistics would be wrong).
+            ValueError: a slot holds a module that cannot be folded (named in the message).
         """
-        _require_eval(self)
+        self._check_reparameterizable()
         if self.is_reparameterized:
             return self
-        if isinstance(self.conv1x1[1], nn.BatchNorm2d):
-            _fold_in_place(self.conv1x1[0], self.conv1x1[1])
+        reduce_conv, reduce_norm = self.conv1x1
+        if not isinstance(reduce_norm, nn.Identity):
+            weight, bias = _folded(reduce_conv, reduce_norm)
+            if reduce_conv.bias is None:
+                reduce_conv.bias = nn.Parameter(bias.clone())
+            reduce_conv.weight.copy_(weight)
+            cast(torch.Tensor, reduce_conv.bias).copy_(bias)
             self.conv1x1[1] = nn.Identity()
         kh = max(size[0] for size in self.kernel_sizes)
         kw = max(size[1] for size in self.kernel_sizes)
         first_conv: nn.Conv2d = getattr(self, self.branch_names[0])[0]
-        fused = nn.Conv2d(
+        fused = _HeadwiseConv2d(
             first_conv.in_channels,
             first_conv.out_channels,
             (kh, kw),
@@ -410,8 +447,8 @@ class SpatialAttention(nn.Module):
         fused.weight.zero_()
         fused_bias.zero_()
         for name in self.branch_names:
-            conv, bn = getattr(self, name)
-            weight, bias = _folded(conv, bn)
+            conv, norm = getattr(self, name)
+            weight, bias = _folded(conv, norm)
             fused.weight.add_(DF.pad_kernel(weight, (kh, kw)))
             fused_bias.add_(bias)
             delattr(self, name)
@@ -505,12 +542,9 @@ class ChannelAttention(nn.Module):
                 module.reset_parameters()
 
     def _gate(self, pooled: torch.Tensor) -> torch.Tensor:
-        """The sigmoid gate for pooled features ``(B, K, C)``."""
-        squeeze, norm, act, excite, sigmoid = self.attention
-        hidden = squeeze(pooled)
-        hidden = norm(rearrange(hidden, "b k r -> b (k r)"))
-        hidden = rearrange(act(hidden), "b (k r) -> b k r", k=self.num_heads)
-        return sigmoid(excite(hidden))
+        """The sigmoid gate for pooled features ``(B, K, C)``: ``attention`` on the heads flattened."""
+        gate = self.attention(rearrange(pooled, "b k c -> b (k c)"))
+        return rearrange(gate, "b (k c) -> b k c", k=self.num_heads)
 
     def forward(
         self, x: torch.Tensor, return_attention: bool = False
@@ -524,8 +558,9 @@ class ChannelAttention(nn.Module):
             if x.ndim == 3:
                 check_size(x, 1, self.num_heads, "x", "num_heads")
             check_size(x, x.ndim - 1 if x.ndim == 3 else 1, self.in_channels, "x", "in_channels")
-            check_same_device(x=x, weights=cast(torch.Tensor, self.attention[0].weight))
-            check_batchnorm_batch(x.shape[0], self.training, "ChannelAttention (BatchNorm1d)")
+            check_same_device(x=x, weights=self._first_parameter())
+            if _has_training_batchnorm(self):
+                check_batchnorm_batch(x.shape[0], True, "ChannelAttention (BatchNorm1d)")
         pooled = x if x.ndim == 3 else DF.pool_features(x).unsqueeze(1)
         gate = self._gate(pooled)
         out = pooled * gate
@@ -533,20 +568,39 @@ class ChannelAttention(nn.Module):
             out, gate = out.squeeze(1), gate.squeeze(1)
         return (out, gate) if return_attention else out
 
+    def _first_parameter(self) -> torch.Tensor:
+        return next(self.parameters())
+
+    def _check_reparameterizable(self) -> None:
+        """Raise ``ValueError`` naming the slot that cannot be folded (before anything changes)."""
+        _require_eval(self)
+        if self.is_reparameterized:
+            return
+        _check_foldable(
+            "ChannelAttention", "attention", self.attention[0], self.attention[1], (_HeadwiseLinear, nn.Linear)
+        )
+
     @torch.no_grad()
     def reparameterize(self) -> Self:
         """Fold the BatchNorm1d into the first linear layer (eval only). Idempotent.
+
+        Any BatchNorm with running statistics folds (``SyncBatchNorm`` included);
+        any other norm in ``attention[1]`` is refused before anything changes.
 
         Returns:
             ``self``, modified in place.
 
         Raises:
             RuntimeError: in train mode.
+            ValueError: ``attention[1]`` cannot be folded (named in the message).
         """
-        _require_eval(self)
+        self._check_reparameterizable()
         if self.is_reparameterized:
             return self
-        _fold_in_place(self.attention[0], self.attention[1])
+        layer = self.attention[0]
+        weight, bias = _folded(layer, self.attention[1])
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
         self.attention[1] = nn.Identity()
         return self
 
@@ -611,12 +665,9 @@ class MultiHeadAttentionBlock(nn.Module):
       \text{output} = [h_1, \dots, h_K]$$
 
     The authors keep $K$ separate modules and loop over them; here the heads'
-    parameters are held together (grouped convolutions, batched linear layers)
-    and one einsum pools $x$ under the $K$ maps without forming $K$ scaled copies.
-    On CUDA the grouped convolutions run as such; on CPU each head's
-    convolutions run as dense ones on chunks of the same weights (channels-last
-    when training on large batches), which oneDNN runs faster. The result
-    equals the per-head computation;
+    parameters are held together (grouped convolutions, batched linear layers),
+    and on CPU each grouped convolution runs its groups as dense convolutions,
+    which oneDNN trains faster. The result equals the per-head computation;
     [`load_from_heads`][dan_layers.MultiHeadAttentionBlock.load_from_heads] and
     [`split_heads`][dan_layers.MultiHeadAttentionBlock.split_heads] convert between
     the two layouts.
@@ -625,6 +676,14 @@ class MultiHeadAttentionBlock(nn.Module):
     (eval mode) folds every BatchNorm and
     merges the 3x3, 1x3 and 3x1 branches into one 3x3 convolution per head,
     removing 40% of the branches' multiply-accumulates with the same output.
+
+    Hooks: ``forward`` calls ``spatial`` and ``channel`` as modules. A forward
+    hook on ``block.spatial`` receives every head's spatially attended features
+    $x \odot \mathrm{SA}_k(x)$, $(B, K, C, H, W)$ (for $K = 1$: $(B, C, H, W)$,
+    the authors' ``cat_head{i}.sa`` output): the target of Grad-CAM. When the
+    block is called with ``return_attention=True`` that hook's output is the pair
+    ``(attended, maps)``. A hook on ``block.channel`` sees the pooled heads
+    $(B, K, C)$ in and the head features out.
 
     Args:
         in_channels: channels $C$ of the input feature map (DAN: 512).
@@ -661,6 +720,9 @@ class MultiHeadAttentionBlock(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_positive("num_heads", num_heads)
+        _reduced_width(in_channels, spatial_reduction, "spatial_reduction")
+        _reduced_width(in_channels, channel_reduction, "channel_reduction")
         self.in_channels = in_channels
         self.num_heads = num_heads
         self.validate = validate
@@ -693,20 +755,31 @@ class MultiHeadAttentionBlock(nn.Module):
         """Compute every head's feature vector; optionally also the spatial maps."""
         if self.validate:
             self.spatial._check_input(x)
-            check_batchnorm_batch(x.shape[0], self.training, "MultiHeadAttentionBlock (BatchNorm1d)")
-        maps = self.spatial.attention_map(x)
-        heads = self.channel(DF.attention_pool(x, maps))
-        return (heads, maps) if return_attention else heads
+            if _has_training_batchnorm(self.channel):
+                check_batchnorm_batch(x.shape[0], True, "MultiHeadAttentionBlock (BatchNorm1d)")
+        maps: torch.Tensor | None = None
+        if return_attention:
+            attended, maps = self.spatial(x, return_attention=True)
+        else:
+            attended = self.spatial(x)
+        pooled = attended.mean(dim=(-2, -1))  # (b, k, c), or (b, c) for one head
+        heads = self.channel(pooled if self.num_heads > 1 else pooled.unsqueeze(1))
+        return (heads, maps) if maps is not None else heads
 
     def reparameterize(self) -> Self:
         """Fold BatchNorms and merge the spatial branches, in place (eval only). Idempotent.
+
+        Both units are checked before either changes.
 
         Returns:
             ``self``.
 
         Raises:
             RuntimeError: in train mode.
+            ValueError: a slot holds a module that cannot be folded (named in the message).
         """
+        self.spatial._check_reparameterizable()
+        self.channel._check_reparameterizable()
         self.spatial.reparameterize()
         self.channel.reparameterize()
         return self

@@ -33,8 +33,13 @@ def reparameterize_model(model: ModuleT) -> ModuleT:
     Returns:
         ``model`` itself.
 
+    Every unit is checked before any is changed: a unit holding a module that
+    cannot be folded (a ``GroupNorm``, a norm of your own) raises and leaves the
+    whole model as it was.
+
     Raises:
         RuntimeError: if ``model`` is in train mode.
+        ValueError: a unit holds a module that cannot be folded (named in the message).
 
     Example:
         >>> import torch
@@ -54,6 +59,8 @@ def reparameterize_model(model: ModuleT) -> ModuleT:
                 f"reparameterize_model: a {type(unit).__name__} inside the model is in train mode; "
                 "call model.eval() first"
             )
+    for unit in units:
+        unit._check_reparameterizable()
     for unit in units:
         unit.reparameterize()
     return model

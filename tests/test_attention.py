@@ -7,6 +7,7 @@ convolutions carrying their state-dict key names), looped over heads and stacked
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -14,8 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dan_layers import AttentionFusion, ChannelAttention, MultiHeadAttentionBlock, SpatialAttention
-from dan_layers.attention import _CHANNELS_LAST_MIN_PIXELS
+from dan_layers import (
+    AttentionFusion,
+    ChannelAttention,
+    MultiHeadAttentionBlock,
+    SpatialAttention,
+    reparameterize_model,
+)
+from dan_layers.attention import _HeadwiseConv2d
 
 # ----------------------------------------------------------------------------- references
 
@@ -207,65 +214,31 @@ class TestSpatialAttention:
         x = torch.randn(2, 16, 5, 6)
         torch.testing.assert_close(sa(x.to(memory_format=torch.channels_last)), sa(x), rtol=1e-5, atol=1e-6)
 
-    @pytest.mark.parametrize(
-        "num_heads,kernels,bn_kwargs,mode,batch",
-        [
-            (1, ((3, 3), (1, 3), (3, 1)), {}, "train", 4),
-            (3, ((3, 3), (1, 3), (3, 1)), {}, "train", 4),
-            (3, ((3, 3), (1, 3), (3, 1)), {}, "train", 48),  # channels-last (48 x 5 x 6 pixels)
-            (2, ((5, 3), (1, 1)), {"momentum": None}, "train", 48),
-            (2, ((3, 3),), {"track_running_stats": False}, "train", 4),
-            (3, ((3, 3), (1, 3), (3, 1)), {}, "eval", 4),
-            (3, ((3, 3), (1, 3), (3, 1)), {}, "reparameterized", 4),
-        ],
-    )
-    def test_cpu_path_equals_grouped_path(self, monkeypatch, num_heads, kernels, bn_kwargs, mode, batch):
-        # on CPU the heads run apart (dense convs on chunks of the grouped weights, channels-last when
-        # training on large batches); everything that path computes and updates must be what the
-        # grouped convs do
-        def build():
-            sa = SpatialAttention(12, num_heads=num_heads, kernel_sizes=kernels, dtype=torch.float64)
-            for name, module in list(sa.named_modules()):
-                if isinstance(module, nn.BatchNorm2d) and bn_kwargs:
-                    parent, _, child = name.rpartition(".")
-                    bn = nn.BatchNorm2d(module.num_features, dtype=torch.float64, **bn_kwargs)
-                    setattr(sa.get_submodule(parent), child, bn)
-            sa = randomize(sa, seed=num_heads).train(mode == "train")
-            return sa.reparameterize() if mode == "reparameterized" else sa
+    @pytest.mark.parametrize("groups", [1, 3])
+    @pytest.mark.parametrize("channels_last", [False, True])
+    def test_headwise_conv_equals_grouped_conv(self, groups, channels_last):
+        # on CPU the grouped branch convolutions run group by group as dense convolutions: output and
+        # every gradient must be those of the grouped convolution
+        conv = _HeadwiseConv2d(6, 9, (3, 1), padding=(1, 0), groups=groups, dtype=torch.float64)
+        x = torch.randn(4, 6, 5, 6, dtype=torch.float64)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        out = conv(x)
+        expected = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, groups)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        assert out.is_contiguous(memory_format=torch.channels_last) == channels_last  # follows the input
+        weights = torch.randn_like(out)
+        grads = torch.autograd.grad((out * weights).sum(), (x, conv.weight, conv.bias))
+        expected_grads = torch.autograd.grad((expected * weights).sum(), (x, conv.weight, conv.bias))
+        for got, want in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
-        apart, grouped = build(), build()
-        grouped.load_state_dict(apart.state_dict())
-        assert apart._runs_heads_apart(torch.zeros(1))
-        monkeypatch.setattr(grouped, "_runs_heads_apart", lambda x: False)
-        x = torch.randn(batch, 12, 5, 6, dtype=torch.float64)
-        results = []
-        for sa in (apart, grouped):
-            xx = x.clone().requires_grad_(True)
-            for _ in range(2):  # two steps: the running statistics and batch counts accumulate
-                out, maps = sa(xx, return_attention=True)
-            weights = torch.randn_like(out, generator=torch.Generator().manual_seed(0))
-            (out * weights).sum().backward()
-            results.append((out, maps, xx.grad, {n: p.grad for n, p in sa.named_parameters()}))
-        (out_a, maps_a, gx_a, grads_a), (out_g, maps_g, gx_g, grads_g) = results
-        torch.testing.assert_close(out_a, out_g, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(maps_a, maps_g, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(gx_a, gx_g, rtol=1e-10, atol=1e-10)
-        assert grads_a.keys() == grads_g.keys() and all(g is not None for g in grads_a.values())
-        for name in grads_a:
-            torch.testing.assert_close(grads_a[name], grads_g[name], rtol=1e-9, atol=1e-9, msg=name)
-        buffers_g = dict(grouped.named_buffers())
-        assert dict(apart.named_buffers()).keys() == buffers_g.keys()
-        for name, buf in apart.named_buffers():
-            torch.testing.assert_close(buf, buffers_g[name], rtol=1e-12, atol=1e-12, msg=name)
-
-    @pytest.mark.parametrize(
-        "train,num_heads,batch,channels_last",
-        [(True, 2, 64, True), (True, 1, 64, True), (True, 2, 8, False), (False, 2, 64, False)],
-    )
-    def test_cpu_path_convolutions(self, monkeypatch, train, num_heads, batch, channels_last):
-        # where the CPU path's speed comes from: one dense conv per head and branch, channels-last
-        # when training on at least _CHANNELS_LAST_MIN_PIXELS pixels (64 x 5 x 5 is above, 8 x 5 x 5 below)
-        assert 8 * 25 < _CHANNELS_LAST_MIN_PIXELS <= 64 * 25
+    @pytest.mark.parametrize("train", [True, False])
+    @pytest.mark.parametrize("num_heads", [1, 2])
+    def test_cpu_convolutions(self, monkeypatch, train, num_heads):
+        # where the CPU speed comes from: one wide 1x1 conv, then one dense conv per head and branch;
+        # the layout is the input's whatever the batch size (no shape-dependent switch)
         seen = []
         real_conv2d = F.conv2d
 
@@ -274,34 +247,13 @@ class TestSpatialAttention:
             return real_conv2d(x, weight, *args, **kwargs)
 
         monkeypatch.setattr(F, "conv2d", spy)
-        SpatialAttention(16, num_heads=num_heads).train(train)(torch.randn(batch, 16, 5, 5))
-        assert len(seen) == num_heads * 4
-        assert {layout for layout, _ in seen} == {channels_last}
-        assert {out for _, out in seen} == {8, 16}  # one head's width: C/2 for the 1x1, C for the branches
-
-    @pytest.mark.parametrize("hook", ["module", "global"])
-    def test_hooks_see_the_convolutions(self, hook):
-        # FLOP counters and feature extractors hook the conv modules: then the modules must run
-        sa = randomize(SpatialAttention(16, num_heads=2), seed=3).eval()
-        x = torch.randn(2, 16, 5, 5)
-        plain = sa(x)
-        calls = []
-
-        def record(module, inputs, output):
-            if isinstance(module, nn.Conv2d):
-                calls.append(module)
-
-        if hook == "module":
-            handles = [m.register_forward_hook(record) for m in sa.modules() if isinstance(m, nn.Conv2d)]
-        else:
-            handles = [torch.nn.modules.module.register_module_forward_hook(record)]
-        try:
-            torch.testing.assert_close(sa(x), plain, rtol=1e-5, atol=1e-6)
-        finally:
-            for h in handles:
-                h.remove()
-        assert len(calls) == 4
-        assert sa._runs_heads_apart(x)  # and back to the fast path once the hooks are gone
+        sa = SpatialAttention(16, num_heads=num_heads).train(train)
+        for batch in (2, 64):
+            seen.clear()
+            sa(torch.randn(batch, 16, 5, 5))
+            assert len(seen) == 1 + num_heads * 3
+            assert {layout for layout, _ in seen} == {False}
+            assert seen[0][1] == 8 * num_heads and {out for _, out in seen[1:]} == {16}
 
     def test_gradcheck_eval_float64(self):
         sa = randomize(SpatialAttention(4, kernel_sizes=((3, 3), (1, 3)), dtype=torch.float64), seed=4).eval()
@@ -682,3 +634,244 @@ class TestMultiHeadAttentionBlock:
     def test_mismatched_devices(self):
         with pytest.raises(ValueError, match="expected.*got"):
             MultiHeadAttentionBlock(32, 2).eval()(torch.randn(2, 32, 7, 7, device="meta"))
+
+
+# ============================================================================ one semantics on every slot
+
+
+def module_graph_maps(sa: SpatialAttention, x: torch.Tensor) -> torch.Tensor:
+    """The spatial unit's module graph written out: every norm slot called as itself, every
+    convolution a plain grouped ``F.conv2d`` (no per-head path)."""
+
+    def slot(seq, inp):
+        conv, norm = seq
+        return norm(F.conv2d(inp, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups))
+
+    y = slot(sa.conv1x1, x)
+    z = sum(slot(getattr(sa, name), y) for name in sa.branch_names)
+    return torch.relu(z).reshape(x.shape[0], sa.num_heads, -1, *x.shape[2:]).sum(dim=2)
+
+
+class ScaleShiftNorm(nn.Module):
+    """A user-defined norm: per-channel RMS normalisation with a learnable scale (not foldable)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, channels, dtype=torch.float64))
+
+    def forward(self, x):
+        rms = x.pow(2).mean(dim=tuple(range(2, x.ndim)), keepdim=True).add(1e-5).sqrt()
+        return x / rms * self.scale.reshape(1, -1, *([1] * (x.ndim - 2)))
+
+
+def swap(module: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(module.get_submodule(parent) if parent else module, child, new)
+
+
+def block64(num_heads: int = 3, seed: int = 0) -> MultiHeadAttentionBlock:
+    block = MultiHeadAttentionBlock(12, num_heads, channel_reduction=4, dtype=torch.float64)
+    return randomize(block, seed=seed)
+
+
+class TestSwappedModules:
+    """Whatever sits in a conv or norm slot is computed as the module graph computes it, or refused."""
+
+    @pytest.mark.parametrize("train", [False, True])
+    def test_sync_batchnorm_equals_batchnorm(self, train):
+        block = block64().train(train)
+        synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(block)).train(train)
+        assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == 5
+        x = torch.randn(4, 12, 5, 6, dtype=torch.float64)
+        for _ in range(2):  # running statistics accumulate alike
+            torch.testing.assert_close(synced(x), block(x), rtol=1e-12, atol=1e-12)
+        for (name, a), (_, b) in zip(synced.named_buffers(), block.named_buffers(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+    def test_sync_batchnorm_folds_in_reparameterize(self):
+        block = block64().eval()
+        synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(block)).eval()
+        x = torch.randn(3, 12, 5, 6, dtype=torch.float64)
+        expected = block(x)
+        synced.reparameterize()
+        assert synced.is_reparameterized
+        assert not any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+        torch.testing.assert_close(synced(x), expected, rtol=1e-10, atol=1e-12)
+
+    @pytest.mark.parametrize(
+        "path,make",
+        [
+            ("spatial.conv_3x3.1", lambda: nn.GroupNorm(3, 36, dtype=torch.float64)),
+            ("spatial.conv1x1.1", lambda: nn.GroupNorm(3, 18, dtype=torch.float64)),
+            ("spatial.conv_1x3.1", lambda: nn.Identity()),
+            ("spatial.conv_3x1.1", lambda: ScaleShiftNorm(36)),
+        ],
+    )
+    @pytest.mark.parametrize("train", [False, True])
+    def test_swapped_norm_is_computed_as_itself(self, path, make, train):
+        block = block64(seed=1)
+        swap(block, path, make())
+        block.train(train)
+        x = torch.randn(4, 12, 5, 6, dtype=torch.float64)
+        heads, maps = block(x, return_attention=True)
+        expected_maps = module_graph_maps(block.spatial, x)
+        torch.testing.assert_close(maps, expected_maps, rtol=1e-12, atol=1e-12)
+        pooled = (x.unsqueeze(1) * expected_maps.unsqueeze(2)).mean(dim=(-2, -1))
+        torch.testing.assert_close(heads, block.channel(pooled), rtol=1e-12, atol=1e-12)
+
+    def test_user_norm_in_channel_attention_is_computed(self):
+        block = block64(seed=2).train()
+        swap(block, "channel.attention.1", ScaleShiftNorm(9))
+        x = torch.randn(4, 12, 5, 6, dtype=torch.float64)
+        heads = block(x)
+        pooled = (x.unsqueeze(1) * module_graph_maps(block.spatial, x).unsqueeze(2)).mean(dim=(-2, -1))
+        first, norm, act, second, gate = block.channel.attention
+        w1, w2 = first.weight.reshape(3, 3, 12), second.weight.reshape(3, 12, 3)
+        hidden = torch.einsum("bki,koi->bko", pooled, w1).reshape(4, 9) + first.bias
+        hidden = act(norm(hidden)).reshape(4, 3, 3)
+        expected = pooled * torch.sigmoid(torch.einsum("bki,koi->bko", hidden, w2) + second.bias.reshape(3, 12))
+        torch.testing.assert_close(heads, expected, rtol=1e-12, atol=1e-12)
+
+    def test_identity_norm_folds(self):
+        block = block64(seed=3).eval()
+        swap(block, "spatial.conv_1x3.1", nn.Identity())
+        x = torch.randn(2, 12, 5, 6, dtype=torch.float64)
+        expected = block(x)
+        torch.testing.assert_close(block.reparameterize()(x), expected, rtol=1e-10, atol=1e-12)
+
+    @pytest.mark.parametrize(
+        "path,make,named",
+        [
+            ("spatial.conv_3x3.1", lambda: nn.GroupNorm(3, 36, dtype=torch.float64), r"conv_3x3\[1\] \(GroupNorm\)"),
+            ("spatial.conv1x1.1", lambda: ScaleShiftNorm(18), r"conv1x1\[1\] \(ScaleShiftNorm\)"),
+            ("channel.attention.1", lambda: ScaleShiftNorm(9), r"attention\[1\] \(ScaleShiftNorm\)"),
+            (
+                "spatial.conv_3x3.1",
+                lambda: nn.BatchNorm2d(36, track_running_stats=False, dtype=torch.float64),
+                r"conv_3x3\[1\] \(BatchNorm2d\)",
+            ),
+            (
+                "spatial.conv_1x3",
+                lambda: nn.Conv2d(18, 36, (1, 3), padding=(0, 1), groups=3, dtype=torch.float64),
+                r"expected conv_1x3 to be Sequential\(Conv2d, norm\), got Conv2d",
+            ),
+        ],
+    )
+    def test_unfoldable_slot_is_refused_and_nothing_changes(self, path, make, named):
+        block = block64(seed=4)
+        swap(block, path, make())
+        block.eval()
+        x = torch.randn(2, 12, 5, 6, dtype=torch.float64)
+        before = {k: v.clone() for k, v in block.state_dict().items()}
+        expected = block(x)
+        with pytest.raises(ValueError, match=named):
+            block.reparameterize()
+        with pytest.raises(ValueError, match=named):
+            reparameterize_model(nn.Sequential(block).eval())
+        assert not block.is_reparameterized
+        assert block.state_dict().keys() == before.keys()
+        for key, value in block.state_dict().items():
+            assert torch.equal(value, before[key]), key
+        torch.testing.assert_close(block(x), expected, rtol=0, atol=0)
+
+    def test_strided_conv_is_refused(self):
+        sa = SpatialAttention(8, num_heads=2).eval()
+        sa.conv_3x3[0] = nn.Conv2d(8, 16, 3, padding=2, dilation=2, groups=2)
+        with pytest.raises(ValueError, match=r"conv_3x3\[0\] with stride 1, dilation 1"):
+            sa.reparameterize()
+
+
+# ============================================================================ hooks
+
+
+class TestHooks:
+    """Hooks on the units and their submodules fire once per call, with all heads, on one path."""
+
+    def record(self, module: nn.Module, calls: list) -> None:
+        def hook(mod, inputs, output):
+            calls.append((tuple(inputs[0].shape), output))
+
+        module.register_forward_hook(hook)
+
+    @pytest.mark.parametrize("num_heads", [1, 4])
+    @pytest.mark.parametrize("train", [True, False])
+    def test_forward_hooks_fire_once_with_all_heads(self, num_heads, train):
+        block = randomize(MultiHeadAttentionBlock(16, num_heads, channel_reduction=4), seed=1).train(train)
+        names = ["spatial", "channel", "spatial.conv1x1", "spatial.conv1x1.0", "spatial.conv_3x3",
+                 "spatial.conv_3x3.0", "spatial.conv_1x3.1", "spatial.relu", "channel.attention",
+                 "channel.attention.1", "channel.attention.3"]
+        calls = {name: [] for name in names}
+        for name in names:
+            self.record(block.get_submodule(name), calls[name])
+        x = torch.randn(3, 16, 5, 6)
+        heads = block(x)
+        assert all(len(c) == 1 for c in calls.values()), {n: len(c) for n, c in calls.items()}
+        k = num_heads
+        attended_shape = (3, 16, 5, 6) if k == 1 else (3, k, 16, 5, 6)
+        assert calls["spatial"][0][1].shape == attended_shape
+        assert calls["spatial.relu"][0][1].shape == (3, k * 16, 5, 6)
+        assert calls["spatial.conv1x1.0"][0][1].shape == (3, k * 8, 5, 6)
+        assert calls["spatial.conv_3x3.0"][0][0] == (3, k * 8, 5, 6)
+        assert calls["channel"][0][0] == (3, k, 16) and calls["channel"][0][1] is heads
+        assert calls["channel.attention"][0][0] == (3, k * 16)
+        assert calls["channel.attention.1"][0][1].shape == (3, k * 4)
+
+    def test_spatial_hook_gives_each_heads_attended_features(self):
+        # what Grad-CAM on the authors' cat_head{i}.sa takes: head i's x * map_i, and its gradient
+        block = randomize(MultiHeadAttentionBlock(16, 3, channel_reduction=4, dtype=torch.float64), seed=2).eval()
+        fusion = randomize(AttentionFusion(16, 5, dtype=torch.float64), seed=3).eval()
+        store = {}
+
+        def keep(mod, inputs, output):
+            store["act"] = output
+            output.register_hook(lambda grad: store.__setitem__("grad", grad))
+
+        block.spatial.register_forward_hook(keep)
+        x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+        logits, _ = fusion(block(x))
+        logits[:, 1].sum().backward()
+
+        spatial, channel = block.split_heads()
+        outs = [sa(x).requires_grad_(True) for sa in spatial]
+        outs = [o.detach().requires_grad_(True) for o in outs]
+        ref_logits, _ = fusion(torch.stack([ca(o) for ca, o in zip(channel, outs, strict=True)], dim=1))
+        grads = torch.autograd.grad(ref_logits[:, 1].sum(), outs)
+        for i in range(3):
+            torch.testing.assert_close(store["act"][:, i], outs[i], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(store["grad"][:, i], grads[i], rtol=1e-10, atol=1e-12)
+
+    def test_backward_hooks_fire_once(self):
+        block = MultiHeadAttentionBlock(16, 2, channel_reduction=4).train()
+        seen = []
+        for name in ("spatial", "channel", "spatial.conv_3x3.0", "spatial.relu"):
+            block.get_submodule(name).register_full_backward_hook(
+                lambda mod, gin, gout, name=name: seen.append((name, tuple(gout[0].shape)))
+            )
+        block(torch.randn(3, 16, 4, 4, requires_grad=True)).sum().backward()
+        assert sorted(seen) == sorted(
+            [("spatial", (3, 2, 16, 4, 4)), ("channel", (3, 2, 16)), ("spatial.conv_3x3.0", (3, 32, 4, 4)),
+             ("spatial.relu", (3, 32, 4, 4))]
+        )
+
+    def test_a_hook_does_not_change_the_computation(self, monkeypatch):
+        # one path: the same convolutions run, and the same bits come out, with or without hooks
+        block = randomize(MultiHeadAttentionBlock(16, 2, channel_reduction=4), seed=4).train()
+        x = torch.randn(4, 16, 5, 5)
+        counts = []
+        real_conv2d = F.conv2d
+
+        def spy(*args, **kwargs):
+            counts[-1] += 1
+            return real_conv2d(*args, **kwargs)
+
+        monkeypatch.setattr(F, "conv2d", spy)
+        counts.append(0)
+        plain = block(x)
+        handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+        try:
+            counts.append(0)
+            hooked = block(x)
+        finally:
+            handle.remove()
+        assert counts[0] == counts[1] == 1 + 2 * 3
+        assert torch.equal(plain, hooked)
