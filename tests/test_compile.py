@@ -203,3 +203,54 @@ def test_functional_helpers_compile():
     ):
         compiled = torch.compile(fn, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(*args), fn(*args))
+
+
+class TestNoShapeGuards:
+    """No speed heuristic of ours depends on the batch: a traced graph holds for every batch size."""
+
+    @staticmethod
+    def count_compiles(block, dtype, batches):
+        compiles = []
+
+        def counting_backend(gm, example_inputs):
+            compiles.append(len(gm.graph.nodes))
+            return gm.forward
+
+        block(torch.randn(2, 16, 5, 5, dtype=dtype))  # einops registers its torch backend on first use
+        compiled = torch.compile(block, fullgraph=True, backend=counting_backend, dynamic=True)
+        for batch in batches:
+            x = torch.randn(batch, 16, 5, 5, dtype=dtype)
+            state = {k: v.clone() for k, v in block.state_dict().items()}
+            got = compiled(x)
+            block.load_state_dict(state)
+            torch.testing.assert_close(got, block(x), rtol=1e-5, atol=1e-6)
+        return len(compiles)
+
+    @pytest.mark.parametrize("train", [True, False])
+    def test_compile_dynamic_batch_2_to_256_compiles_once(self, train):
+        # 5 x 5 maps: the old channels-last switch sat at 1200 pixels per channel, batch 48
+        block = MultiHeadAttentionBlock(16, 3, channel_reduction=4, dtype=torch.float64).train(train)
+        batches = (2, 3, 15, 16, 17, 47, 48, 49, 100, 256)
+        assert self.count_compiles(block, torch.float64, batches) == 1
+
+    @pytest.mark.parametrize("train", [True, False])
+    def test_compile_dynamic_batch_float32(self, train):
+        # float32 on CPU: torch's own convolution picks oneDNN or its native kernel by "batch >= 16"
+        # (ConvParams::use_mkldnn), a guard every CPU conv net gets, so 2..15 and 16.. are two graphs;
+        # nothing of ours adds a third
+        block = MultiHeadAttentionBlock(16, 3, channel_reduction=4).train(train)
+        assert self.count_compiles(block, torch.float32, (17, 47, 48, 49, 100, 256)) == 1
+        torch.compiler.reset()
+        assert self.count_compiles(block, torch.float32, (2, 3, 15, 17, 48, 256)) == 2
+
+    @pytest.mark.parametrize("train", [True, False])
+    def test_export_dynamic_batch_2_to_1024(self, train):
+        block = MultiHeadAttentionBlock(16, 2, channel_reduction=4).train(train)
+        batch = torch.export.Dim("batch", min=2, max=1024)
+        program = torch.export.export(
+            block, (torch.randn(4, 16, 7, 7),), dynamic_shapes=({0: batch},)
+        )
+        exported = program.module()
+        for n in (2, 25, 1024):  # 7 x 7 maps: 1200 pixels per channel between 24 and 25
+            x = torch.randn(n, 16, 7, 7)
+            torch.testing.assert_close(exported(x), block(x), rtol=1e-5, atol=1e-6)
