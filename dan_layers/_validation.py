@@ -56,7 +56,10 @@ def check_size(x: torch.Tensor, dim: int, expected: int, name: str, what: str) -
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
-    """Raise if the given tensors do not all live on one device."""
+    """Raise if the given tensors are not all tensors on one device."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())

@@ -34,7 +34,7 @@ Axis legend: ``b`` batch, ``k`` heads, ``c`` channels, ``r`` reduced channels,
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import torch
@@ -87,21 +87,21 @@ def _as_int(value: object) -> int:
 
 def _check_kernel_sizes(kernel_sizes: object) -> tuple[tuple[int, int], ...]:
     """``kernel_sizes`` as a tuple of ``(kh, kw)`` int pairs, odd, positive and distinct."""
-    if isinstance(kernel_sizes, (str, bytes)) or not isinstance(kernel_sizes, Sequence):
+    if isinstance(kernel_sizes, (str, bytes)) or not isinstance(kernel_sizes, Iterable):
         raise ValueError(f"kernel_sizes: expected {_KERNEL_SIZES_EXPECTED}, got {kernel_sizes!r}")
+    given = tuple(kernel_sizes)
     sizes = []
-    for size in kernel_sizes:
-        if isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or len(size) != 2:
+    for size in given:
+        pair = () if isinstance(size, (str, bytes)) or not isinstance(size, Iterable) else tuple(size)
+        if len(pair) != 2:
             raise ValueError(
-                f"kernel_sizes: expected {_KERNEL_SIZES_EXPECTED}, got {tuple(kernel_sizes)!r} "
+                f"kernel_sizes: expected {_KERNEL_SIZES_EXPECTED}, got {given!r} "
                 f"(element {size!r} is not a (height, width) pair)"
             )
         try:
-            sizes.append((_as_int(size[0]), _as_int(size[1])))
+            sizes.append((_as_int(pair[0]), _as_int(pair[1])))
         except ValueError:
-            raise ValueError(
-                f"kernel_sizes: expected integer sizes, got {tuple(size)!r} in {tuple(kernel_sizes)!r}"
-            ) from None
+            raise ValueError(f"kernel_sizes: expected integer sizes, got {pair!r} in {given!r}") from None
     result = tuple(sizes)
     if not result:
         raise ValueError("kernel_sizes: expected at least one kernel size, got none")

@@ -93,10 +93,8 @@ def pool_features(features: torch.Tensor) -> torch.Tensor:
     return features.mean(dim=(2, 3)) if features.ndim == 4 else features
 
 
-def _check_center_inputs(
-    features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, reduction: str
-) -> None:
-    check_choice("reduction", reduction, REDUCTIONS)
+def _check_center_inputs(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor) -> None:
+    check_ndim(labels, "labels", (1,), "(B,)")
     check_ndim(centers, "centers", (2,), "(N, C)")
     check_floating(features, "features")
     check_size(features, 1, centers.shape[1], "features", "feature width C (centers.shape[1])")
@@ -151,9 +149,10 @@ def center_loss(
         >>> center_loss(torch.tensor([[3.0, 4.0]]), torch.tensor([1]), centers)
         tensor(25.)
     """
+    check_choice("reduction", reduction, REDUCTIONS)  # free: checked even with validate=False
     features = pool_features(features)
     if validate:
-        _check_center_inputs(features, labels, centers, reduction)
+        _check_center_inputs(features, labels, centers)
         check_labels(labels, features.shape[0], centers.shape[0])
     sq_dist, _ = _squared_distance_to_own_center(features, labels, centers)
     return _reduce(sq_dist, reduction)
@@ -216,9 +215,10 @@ def affinity_loss(
         >>> affinity_loss(torch.tensor([[0.0, 1.0]]), torch.tensor([0]), centers)
         tensor(0.5000)
     """
+    check_choice("reduction", reduction, REDUCTIONS)  # free: checked even with validate=False
     features = pool_features(features)
     if validate:
-        _check_center_inputs(features, labels, centers, reduction)
+        _check_center_inputs(features, labels, centers)
         if centers.shape[0] < 2:
             raise ValueError(
                 "centers: expected at least 2 centres (their variance is the loss's "
@@ -235,10 +235,17 @@ def affinity_loss(
     return _reduce(sq_dist / spread, reduction)
 
 
+def _unit_rms(x: torch.Tensor) -> torch.Tensor:
+    """Scale every ``x[b, k, :]`` to unit root-mean-square; all-zero vectors stay zero."""
+    mean_square = x.pow(2).mean(dim=-1, keepdim=True)
+    return x * torch.rsqrt(mean_square.clamp_min(torch.finfo(x.dtype).tiny))
+
+
 def partition_loss(
     heads: torch.Tensor,
     *,
     variant: PartitionVariant = "paper",
+    normalize: bool = False,
     unbiased: bool = True,
     eps: float = PARTITION_EPS,
     validate: bool = True,
@@ -260,13 +267,32 @@ def partition_loss(
       \qquad \bar\sigma^2 = \frac{1}{BL}\sum_{i,l}\sigma^2_{il}$$
 
     The two are different functions (by Jensen's inequality the paper form is
-    never smaller). With one head there is no variance: the result is a zero
-    that stays connected to the graph (the authors return the Python int 0).
+    never smaller). With one head there is no variance: the result is an exact
+    zero that stays connected to the graph, whatever the input holds (the
+    authors return the Python int 0).
+
+    Both forms fall when the heads are merely scaled up: $\sigma^2$ grows with
+    the square of the scale, so multiplying random heads by 100 takes Eq. 6
+    from 1.97 to 0.0011 while the heads are exactly as alike as before. DAN's
+    log-softmax across heads does not prevent it: it subtracts the same number
+    from every head at a feature, leaving $\sigma^2_{il}$ unchanged.
+    ``normalize=True`` (ours, not the paper's) first scales every head of every
+    sample to unit root-mean-square over its features,
+
+    $$\hat h_{ikl} = \frac{h_{ikl}}{\sqrt{\tfrac{1}{L}\sum_{l'} h_{ikl'}^2}},$$
+
+    and computes the chosen form on $\hat h$. The loss is then unchanged by any
+    positive scaling of the input (of all heads together or of any one head),
+    so it can only fall by making the heads' feature profiles differ; heads
+    that differ only in scale count as identical. On unit-RMS heads the mean
+    variance lies in $[0, K/(K-1)]$ (unbiased), so the loss is bounded below by
+    $\log(1 + K - 1) = \log K$ for the official form.
 
     Args:
         heads: head features, heads on dim 1; trailing dims are flattened into $L$,
             so a ViT's per-head tokens $(B, K, T, D)$ work as they are.
-        variant: ``"paper"`` or ``"official"``.
+        variant: ``"paper"`` or ``"official"`` (checked even with ``validate=False``).
+        normalize: scale each head to unit RMS over its features first (scale-invariant).
         unbiased: unbiased (K - 1) variance across heads, as the authors.
         eps: added to the variance; float64 machine epsilon by default, as the
             authors. Keeps collapsed heads finite.
@@ -285,17 +311,22 @@ def partition_loss(
         tensor(0.6931)
         >>> partition_loss(heads, variant="official")
         tensor(0.6931)
+        >>> x = torch.randn(8, 4, 64)
+        >>> bool(torch.isclose(partition_loss(100 * x, normalize=True), partition_loss(x, normalize=True)))
+        True
     """
+    check_choice("variant", variant, PARTITION_VARIANTS)  # free: checked even with validate=False
     if validate:
         check_ndim(heads, "heads", range(3, 65), "(B, K, ...) with heads on dim 1")
-        check_choice("variant", variant, PARTITION_VARIANTS)
         check_floating(heads, "heads")
         if heads.numel() == 0:
             raise ValueError(f"heads: expected a non-empty tensor, got shape {tuple(heads.shape)}")
     x = rearrange(heads, "b k ... -> b k (...)").to(_compute_dtype(heads))
     num_heads = x.shape[1]
     if num_heads == 1:
-        return x.new_zeros(()) + x.sum() * 0.0  # a zero (not -0.) still in the graph
+        return x[..., :0].sum()  # a sum over nothing: exactly 0 (not NaN for inf input), in the graph
+    if normalize:
+        x = _unit_rms(x)
     var = x.var(dim=1, correction=int(unbiased))  # (b, l)
     if variant == "paper":
         return torch.log1p(num_heads / (var + eps)).mean()

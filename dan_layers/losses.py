@@ -213,8 +213,16 @@ class PartitionLoss(nn.Module):
     so there is no ``reduction``. One head gives a graph-connected zero.
     See [`partition_loss`][dan_layers.functional.partition_loss].
 
+    !!! warning "Scaling the heads up lowers the loss"
+        Both forms fall as the heads grow: multiplying random heads by 100 takes
+        Eq. 6 from 1.97 to 0.0011 with the heads exactly as alike as before, and
+        DAN's log-softmax across heads does not stop it. ``normalize=True`` (ours,
+        not the paper's) scales each head to unit RMS over its features first,
+        which makes the loss invariant to any positive scaling of its input.
+
     Args:
         variant: ``"paper"`` or ``"official"``.
+        normalize: scale each head of each sample to unit RMS first (scale-invariant).
         unbiased: unbiased variance across heads (authors).
         eps: added to the variance (float64 machine epsilon, as the authors).
         validate: check the input's shape.
@@ -236,6 +244,7 @@ class PartitionLoss(nn.Module):
         self,
         variant: PartitionVariant = "paper",
         *,
+        normalize: bool = False,
         unbiased: bool = True,
         eps: float = PARTITION_EPS,
         validate: bool = True,
@@ -243,6 +252,7 @@ class PartitionLoss(nn.Module):
         super().__init__()
         check_choice("variant", variant, PARTITION_VARIANTS)
         self.variant = variant
+        self.normalize = normalize
         self.unbiased = unbiased
         self.eps = eps
         self.validate = validate
@@ -252,10 +262,12 @@ class PartitionLoss(nn.Module):
         return DF.partition_loss(
             heads,
             variant=self.variant,  # type: ignore[arg-type]
+            normalize=self.normalize,
             unbiased=self.unbiased,
             eps=self.eps,
             validate=self.validate,
         )
 
     def extra_repr(self) -> str:  # noqa: D102
-        return f"variant={self.variant!r}, unbiased={self.unbiased}"
+        norm = ", normalize=True" if self.normalize else ""
+        return f"variant={self.variant!r}{norm}, unbiased={self.unbiased}"

@@ -875,3 +875,48 @@ class TestHooks:
             handle.remove()
         assert counts[0] == counts[1] == 1 + 2 * 3
         assert torch.equal(plain, hooked)
+
+
+# ============================================================================ errors that name the problem
+
+
+class TestConstructorErrors:
+    @pytest.mark.parametrize(
+        "kernel_sizes,match",
+        [
+            ((3, 3), r"kernel_sizes: expected a sequence of \(height, width\) pairs.*got \(3, 3\)"),
+            ([3], r"kernel_sizes: expected a sequence of \(height, width\) pairs"),
+            (((3, 3, 3),), r"element \(3, 3, 3\) is not a \(height, width\) pair"),
+            ("33", r"kernel_sizes: expected a sequence of \(height, width\) pairs.*got '33'"),
+            (((3.9, 3),), r"kernel_sizes: expected integer sizes, got \(3.9, 3\)"),
+            (((3, 3.0),), r"kernel_sizes: expected integer sizes, got \(3, 3.0\)"),
+            (((True, 3),), r"kernel_sizes: expected integer sizes"),
+            (3, r"kernel_sizes: expected a sequence"),
+        ],
+    )
+    def test_kernel_sizes(self, kernel_sizes, match):
+        for build in (
+            lambda: SpatialAttention(8, kernel_sizes=kernel_sizes),
+            lambda: MultiHeadAttentionBlock(32, 2, kernel_sizes=kernel_sizes),
+        ):
+            with pytest.raises(ValueError, match=match):
+                build()
+
+    def test_integer_like_kernel_sizes_are_accepted(self):
+        import numpy as np
+
+        sa = SpatialAttention(8, kernel_sizes=[np.array([3, 1]), (np.int64(1), 3)])
+        assert sa.kernel_sizes == ((3, 1), (1, 3)) and all(type(k) is int for s in sa.kernel_sizes for k in s)
+
+    @pytest.mark.parametrize(
+        "kwargs,match",
+        [
+            ({"channel_reduction": 32}, r"channel_reduction: expected at most in_channels \(16\).*got 32"),
+            ({"spatial_reduction": 0}, r"spatial_reduction: expected a positive int, got 0"),
+            ({"spatial_reduction": 17}, r"spatial_reduction: expected at most in_channels \(16\).*got 17"),
+            ({"channel_reduction": 2.0}, r"channel_reduction: expected a positive int, got 2.0"),
+        ],
+    )
+    def test_block_names_its_own_arguments(self, kwargs, match):
+        with pytest.raises(ValueError, match=match):
+            MultiHeadAttentionBlock(16, 4, **kwargs)

@@ -779,6 +779,155 @@ class TestPartitionLossExceptions:
         torch.testing.assert_close(got, PartitionLoss()(heads.unsqueeze(-1)))
 
 
+def loop_partition_normalized(heads, *, variant, unbiased=True, eps=sys.float_info.epsilon):
+    """Our normalize=True, with loops: every head of every sample scaled to unit RMS over its
+    features, then Eq. 6 (paper) or the authors' log of the mean variance (official)."""
+    x = heads.tolist()
+    scaled = []
+    for sample in x:
+        rows = []
+        for head in sample:
+            rms = math.sqrt(sum(v * v for v in head) / len(head))
+            rows.append([v / rms for v in head])
+        scaled.append(rows)
+    flat = torch.tensor(scaled, dtype=torch.float64)
+    if variant == "paper":
+        return loop_partition_paper(flat, unbiased=unbiased, eps=eps)
+    return loop_partition_official(flat, unbiased=unbiased, eps=eps)
+
+
+class TestPartitionLossNormalized:
+    """normalize=True: Eq. 6 on unit-RMS heads, unchanged by any positive scaling of its input."""
+
+    @pytest.mark.parametrize("variant", ["paper", "official"])
+    @pytest.mark.parametrize("shape", [(3, 4, 5), (2, 2, 7), (2, 3, 2, 3)])
+    def test_equals_plain_loop(self, variant, shape):
+        heads = draw(21, *shape)
+        got = DF.partition_loss(heads, variant=variant, normalize=True)
+        flat = heads.reshape(shape[0], shape[1], -1)
+        assert got.item() == pytest.approx(loop_partition_normalized(flat, variant=variant), rel=1e-12)
+
+    def test_known_values(self):
+        opposite = torch.tensor([[[1.0, -1.0], [-1.0, 1.0]]], dtype=torch.float64)  # unit RMS, variance 2
+        assert DF.partition_loss(opposite, normalize=True).item() == pytest.approx(math.log(2.0), rel=1e-12)
+        scaled_copy = torch.tensor([[[1.0, 2.0], [3.0, 6.0]]], dtype=torch.float64)  # same profile
+        expected = math.log1p(2 / sys.float_info.epsilon)
+        assert DF.partition_loss(scaled_copy, normalize=True).item() == pytest.approx(expected, rel=1e-12)
+        assert DF.partition_loss(scaled_copy).item() < 2.0  # while Eq. 6 calls them different
+
+    def test_the_scaling_weakness_it_fixes(self):
+        # the numbers quoted in the docs: random heads x 100 take Eq. 6 from ~1.96 to ~0.0012
+        heads = torch.randn(64, 4, 512, generator=torch.Generator().manual_seed(0))
+        paper, paper_x100 = DF.partition_loss(heads), DF.partition_loss(100 * heads)
+        assert 1.9 < paper.item() < 2.0 and paper_x100.item() < 0.002
+        torch.testing.assert_close(
+            DF.partition_loss(100 * heads, normalize=True), DF.partition_loss(heads, normalize=True)
+        )
+
+    @given(
+        seed=seeds,
+        batch=st.integers(1, 4),
+        num_heads=st.integers(2, 5),
+        width=st.integers(1, 6),
+        exponent=st.floats(-30, 30),
+        per_head=st.booleans(),
+        variant=st.sampled_from(["paper", "official"]),
+    )
+    def test_property_invariant_to_positive_scaling(self, seed, batch, num_heads, width, exponent, per_head, variant):
+        heads = draw(seed, batch, num_heads, width)
+        if per_head:  # any positive scale per sample and head, spanning up to 10 orders of magnitude
+            g = torch.Generator().manual_seed(seed + 1)
+            scale = 10.0 ** (exponent + 10 * torch.rand(batch, num_heads, 1, generator=g, dtype=torch.float64))
+        else:
+            scale = 10.0**exponent
+        base = DF.partition_loss(heads, variant=variant, normalize=True)
+        scaled = DF.partition_loss(heads * scale, variant=variant, normalize=True)
+        torch.testing.assert_close(scaled, base, rtol=1e-10, atol=0)
+
+    @given(seed=seeds, exponent=st.floats(-15, 15), variant=st.sampled_from(["paper", "official"]))
+    def test_property_invariant_in_float32(self, seed, exponent, variant):
+        heads = draw(seed, 8, 4, 64, dtype=torch.float32)
+        base = DF.partition_loss(heads, variant=variant, normalize=True)
+        scaled = DF.partition_loss(heads * 10.0**exponent, variant=variant, normalize=True)
+        torch.testing.assert_close(scaled, base, rtol=1e-5, atol=0)
+
+    @given(seed=seeds, batch=st.integers(1, 4), num_heads=st.integers(2, 5), width=st.integers(2, 6))
+    def test_property_gradient_has_no_component_along_each_head(self, seed, batch, num_heads, width):
+        # scale invariance per head means <dL/dh_ik, h_ik> = 0 for every sample i and head k
+        heads = draw(seed, batch, num_heads, width).requires_grad_(True)
+        (grad,) = torch.autograd.grad(DF.partition_loss(heads, normalize=True), heads)
+        radial = (grad * heads).sum(dim=-1)
+        assert radial.abs().max() <= 1e-10 * grad.abs().max().clamp_min(1e-300) * heads.abs().max()
+
+    @given(
+        seed=seeds,
+        batch=st.integers(1, 4),
+        num_heads=st.integers(1, 5),
+        width=st.integers(1, 6),
+        zeros=st.booleans(),
+        dtype=st.sampled_from([torch.float32, torch.float64]),
+        variant=st.sampled_from(["paper", "official"]),
+    )
+    def test_property_finite_on_collapsed_heads(self, seed, batch, num_heads, width, zeros, dtype, variant):
+        one = torch.zeros(batch, 1, width, dtype=dtype) if zeros else draw(seed, batch, 1, width, dtype=dtype)
+        heads = (one * torch.linspace(1, 3, num_heads, dtype=dtype).reshape(1, -1, 1)).requires_grad_(True)
+        out = DF.partition_loss(heads, variant=variant, normalize=True)  # heads differ only in scale
+        assert torch.isfinite(out)
+        (grad,) = torch.autograd.grad(out, heads)
+        assert torch.isfinite(grad).all()
+
+    @pytest.mark.parametrize("variant", ["paper", "official"])
+    def test_gradcheck(self, variant):
+        for shape in ((2, 3, 4), (2, 2, 2, 3), (2, 1, 3)):
+            heads = draw(13, *shape).requires_grad_(True)
+            assert torch.autograd.gradcheck(
+                lambda h: DF.partition_loss(h, variant=variant, normalize=True), (heads,), fast_mode=True
+            )
+
+    def test_module_equals_function_and_default_is_eq6(self):
+        heads = torch.randn(3, 4, 6)
+        for variant in ("paper", "official"):
+            loss = PartitionLoss(variant, normalize=True)
+            assert "normalize=True" in repr(loss)
+            torch.testing.assert_close(
+                loss(heads), DF.partition_loss(heads, variant=variant, normalize=True), rtol=0, atol=0
+            )
+        assert PartitionLoss().normalize is False
+        assert torch.equal(PartitionLoss()(heads), DF.partition_loss(heads, variant="paper", normalize=False))
+
+
+class TestErrorsThatNameTheProblem:
+    @pytest.mark.parametrize("value", [float("inf"), float("nan"), -float("inf")])
+    @pytest.mark.parametrize("normalize", [False, True])
+    def test_single_head_is_exactly_zero_for_non_finite_input(self, value, normalize):
+        heads = torch.full((2, 1, 3), value, requires_grad=True)
+        out = DF.partition_loss(heads, normalize=normalize)
+        assert out.item() == 0.0 and out.grad_fn is not None
+        out.backward()
+        assert torch.equal(heads.grad, torch.zeros_like(heads))
+
+    def test_string_options_checked_without_validation(self):
+        with pytest.raises(ValueError, match="variant: expected one of.*got 'paperr'"):
+            DF.partition_loss(torch.randn(2, 3, 4), variant="paperr", validate=False)
+        centers = torch.randn(3, 4)
+        for fn in (DF.affinity_loss, DF.center_loss):
+            with pytest.raises(ValueError, match="reduction: expected one of.*got 'avg'"):
+                fn(torch.randn(2, 4), torch.tensor([0, 1]), centers, reduction="avg", validate=False)
+
+    @pytest.mark.parametrize("cls", [AffinityLoss, CenterLoss])
+    def test_labels_that_are_not_a_tensor(self, cls):
+        import numpy as np
+
+        loss = cls(3, 4)
+        features = torch.randn(2, 4)
+        with pytest.raises(ValueError, match="labels: expected a torch.Tensor of shape \\(B,\\), got list"):
+            loss(features, [0, 1])
+        with pytest.raises(ValueError, match="labels: expected a torch.Tensor of shape \\(B,\\), got ndarray"):
+            loss(features, np.array([0, 1]))
+        with pytest.raises(ValueError, match="features: expected a torch.Tensor.*got list"):
+            loss([[0.0] * 4] * 2, torch.tensor([0, 1]))
+
+
 # ============================================================================ DDP
 
 
