@@ -1,8 +1,9 @@
 """dan-layers: the Distract-your-Attention Network (DAN) as reusable PyTorch building blocks.
 
-Losses: ``AffinityLoss``, ``CenterLoss``, ``PartitionLoss``. Attention:
-``SpatialAttention``, ``ChannelAttention``, ``MultiHeadAttentionBlock``. Fusion:
-``AttentionFusion``. Deployment: ``reparameterize_model``. Parameter-free maths:
+Losses: ``AffinityLoss``, ``CenterLoss``, ``PartitionLoss``, and DAN's whole objective
+``DANLoss``. Attention: ``SpatialAttention``, ``ChannelAttention``,
+``MultiHeadAttentionBlock``. Fusion: ``AttentionFusion``. DAN on any backbone:
+``DANHead``. Deployment: ``reparameterize_model``. Parameter-free maths:
 ``dan_layers.functional``.
 """
 
@@ -10,7 +11,8 @@ from dan_layers import functional
 from dan_layers.attention import ChannelAttention, MultiHeadAttentionBlock, SpatialAttention
 from dan_layers.deploy import reparameterize_model
 from dan_layers.fusion import AttentionFusion
-from dan_layers.losses import AffinityLoss, CenterLoss, PartitionLoss
+from dan_layers.head import DANHead, DANHeadOutput
+from dan_layers.losses import AffinityLoss, CenterLoss, DANLoss, DANLossOutput, PartitionLoss
 
 __version__ = "0.1.0"
 
@@ -19,6 +21,10 @@ __all__ = [
     "AttentionFusion",
     "CenterLoss",
     "ChannelAttention",
+    "DANHead",
+    "DANHeadOutput",
+    "DANLoss",
+    "DANLossOutput",
     "MultiHeadAttentionBlock",
     "PartitionLoss",
     "SpatialAttention",

@@ -80,7 +80,7 @@ def _as_int(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError
     try:
-        return operator.index(value)  # type: ignore[call-overload, no-any-return]
+        return operator.index(cast(Any, value))
     except TypeError:
         raise ValueError from None
 
@@ -120,13 +120,15 @@ def _has_training_batchnorm(module: nn.Module) -> bool:
 
 
 def _is_foldable_norm(norm: nn.Module) -> bool:
-    """An eval-mode affine map: a BatchNorm (any subclass, e.g. SyncBatchNorm) with running stats, or Identity."""
+    """An eval-mode affine map: a BatchNorm (any subclass: SyncBatchNorm) with running stats, or Identity."""
     if isinstance(norm, nn.Identity):
         return True
     return isinstance(norm, _BatchNorm) and norm.running_mean is not None and norm.running_var is not None
 
 
-def _check_foldable(owner: str, slot: str, layer: nn.Module, norm: nn.Module, layer_types: tuple[type, ...]) -> None:
+def _check_foldable(
+    owner: str, slot: str, layer: nn.Module, norm: nn.Module, layer_types: tuple[type, ...]
+) -> None:
     """Raise ``ValueError`` naming ``slot`` unless ``layer`` + ``norm`` fold into one affine layer."""
     if not isinstance(layer, layer_types):
         names = " or ".join(t.__name__ for t in layer_types)
@@ -141,11 +143,13 @@ def _check_foldable(owner: str, slot: str, layer: nn.Module, norm: nn.Module, la
 
 
 def _folded(layer: nn.Module, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of ``layer`` (conv or linear) with the eval-mode ``norm`` (BatchNorm or Identity) folded in."""
+    """Weight and bias of ``layer`` (conv or linear) with the eval-mode ``norm`` folded in."""
     weight = cast(torch.Tensor, layer.weight)
     bias = cast("torch.Tensor | None", layer.bias)
     if isinstance(norm, nn.Identity):
-        return weight, torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype) if bias is None else bias
+        if bias is None:
+            bias = torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype)
+        return weight, bias
     bn = cast(_BatchNorm, norm)
     return DF.fuse_conv_bn(
         weight,
@@ -183,10 +187,13 @@ class _HeadwiseConv2d(nn.Conv2d):
         if groups == 1 or x.device.type != "cpu" or self.padding_mode != "zeros":
             return super().forward(x)
         padding: Any = self.padding  # a tuple or a string; F.conv2d's stub lists only the tuple
-        biases: Sequence[torch.Tensor | None] = [None] * groups if self.bias is None else self.bias.chunk(groups)
+        biases: Sequence[torch.Tensor | None] = [None] * groups
+        if self.bias is not None:
+            biases = self.bias.chunk(groups)
+        parts, weights = x.chunk(groups, dim=1), self.weight.chunk(groups)
         outputs = [
             F.conv2d(part, weight, bias, self.stride, padding, self.dilation, 1)
-            for part, weight, bias in zip(x.chunk(groups, dim=1), self.weight.chunk(groups), biases, strict=True)
+            for part, weight, bias in zip(parts, weights, biases, strict=True)
         ]
         return torch.cat(outputs, dim=1)
 
@@ -375,13 +382,13 @@ class SpatialAttention(nn.Module):
             return
         for name in ("conv1x1", *self.branch_names):
             slot = getattr(self, name)
-            if not (isinstance(slot, nn.Sequential) and len(slot) == 2):
+            if not isinstance(slot, nn.Sequential) or len(slot) != 2:
                 raise ValueError(
                     f"SpatialAttention.reparameterize: expected {name} to be Sequential(Conv2d, norm), "
                     f"got {type(slot).__name__}"
                 )
             _check_foldable("SpatialAttention", name, slot[0], slot[1], (nn.Conv2d,))
-            conv = slot[0]
+            conv = cast(nn.Conv2d, slot[0])
             expected_padding = (conv.kernel_size[0] // 2, conv.kernel_size[1] // 2)
             if (
                 conv.stride != (1, 1)
@@ -423,13 +430,13 @@ class SpatialAttention(nn.Module):
         self._check_reparameterizable()
         if self.is_reparameterized:
             return self
-        reduce_conv, reduce_norm = self.conv1x1
+        reduce_conv, reduce_norm = cast(nn.Conv2d, self.conv1x1[0]), self.conv1x1[1]
         if not isinstance(reduce_norm, nn.Identity):
             weight, bias = _folded(reduce_conv, reduce_norm)
             if reduce_conv.bias is None:
                 reduce_conv.bias = nn.Parameter(bias.clone())
             reduce_conv.weight.copy_(weight)
-            cast(torch.Tensor, reduce_conv.bias).copy_(bias)
+            reduce_conv.bias.copy_(bias)
             self.conv1x1[1] = nn.Identity()
         kh = max(size[0] for size in self.kernel_sizes)
         kw = max(size[1] for size in self.kernel_sizes)
@@ -599,8 +606,8 @@ class ChannelAttention(nn.Module):
             return self
         layer = self.attention[0]
         weight, bias = _folded(layer, self.attention[1])
-        layer.weight.copy_(weight)
-        layer.bias.copy_(bias)
+        cast(torch.Tensor, layer.weight).copy_(weight)
+        cast(torch.Tensor, layer.bias).copy_(bias)
         self.attention[1] = nn.Identity()
         return self
 

@@ -11,7 +11,10 @@ move the loss to the model's device.
 
 from __future__ import annotations
 
+from typing import Literal, NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dan_layers import functional as DF
@@ -19,11 +22,14 @@ from dan_layers._validation import (
     PARTITION_VARIANTS,
     REDUCTIONS,
     check_choice,
+    check_labels,
+    check_ndim,
     check_positive,
+    check_size,
 )
 from dan_layers.functional import PARTITION_EPS, PartitionVariant, Reduction
 
-__all__ = ["AffinityLoss", "CenterLoss", "PartitionLoss"]
+__all__ = ["AffinityLoss", "CenterLoss", "DANLoss", "DANLossOutput", "PartitionLoss"]
 
 
 class _CenterLossBase(nn.Module):
@@ -271,3 +277,155 @@ class PartitionLoss(nn.Module):
     def extra_repr(self) -> str:  # noqa: D102
         norm = ", normalize=True" if self.normalize else ""
         return f"variant={self.variant!r}{norm}, unbiased={self.unbiased}"
+
+
+class DANLossOutput(NamedTuple):
+    """What [`DANLoss`][dan_layers.DANLoss] returns.
+
+    Attributes:
+        loss: the total, to backpropagate.
+        ce: the cross-entropy term (detached, for logging).
+        affinity: the affinity (or center) term before its weight (detached; 0 if off).
+        partition: the partition term before its weight (detached; 0 if off).
+    """
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    affinity: torch.Tensor
+    partition: torch.Tensor
+
+
+AffinityChoice = Literal["affinity", "center", "none"]
+PartitionChoice = Literal["paper", "official", "none"]
+
+
+class DANLoss(nn.Module):
+    r"""DAN's training objective: cross-entropy + affinity loss + partition loss.
+
+    $$\mathcal{L} = \mathrm{CE}(\text{logits}, y)
+      + \lambda_{af}\,\mathcal{L}_{af}(\text{feature map}, y)
+      + \lambda_{pt}\,\mathcal{L}_{pt}(\text{heads})$$
+
+    with $\lambda_{af} = \lambda_{pt} = 1$ as the paper. Takes what a DAN forward
+    gives (logits, the backbone's feature map, the scaled heads of
+    [`DANHead`][dan_layers.DANHead]) and returns the total with its parts, so a
+    training loop can log them. Every term is computed in float32 (or wider)
+    with autocast switched off, as the authors' losses run in float32.
+
+    ``affinity="center"`` swaps in the plain [`CenterLoss`][dan_layers.CenterLoss] and
+    ``"none"`` drops the term (the paper's Table 5 ablations); ``partition`` picks
+    Eq. 6 (``"paper"``), the authors' code (``"official"``) or ``"none"``, and
+    ``normalize=True`` makes it scale-invariant (see
+    [`PartitionLoss`][dan_layers.PartitionLoss]).
+
+    !!! warning "The centres are parameters"
+        With ``affinity="affinity"`` or ``"center"`` this module owns the class
+        centres (``criterion.affinity.centers``): pass ``criterion.parameters()``
+        to the optimizer with the model's, move it with the model
+        (``criterion.to(device)``), and under DistributedDataParallel wrap the
+        model and this loss in one module so every rank holds the same centres.
+
+    Args:
+        num_classes: number of classes $N$.
+        feat_dim: channels $C$ of the feature map the affinity loss pools.
+        lambda_af: weight of the affinity (or center) term.
+        lambda_pt: weight of the partition term.
+        affinity: ``"affinity"`` (paper), ``"center"`` or ``"none"``.
+        partition: ``"paper"`` (Eq. 6), ``"official"`` (authors' code) or ``"none"``.
+        normalize: scale-invariant partition loss (ours; needs a partition term).
+        num_centers: centres of the affinity loss (default ``num_classes``; the
+            authors' RAF-DB script uses 8 for 7 classes).
+        label_smoothing: label smoothing of the cross-entropy (0: none, as the paper).
+        validate: check inputs.
+        device: device of the centres.
+        dtype: dtype of the centres.
+
+    Shape:
+        - logits: $(B, N)$
+        - feature_map: $(B, C, H, W)$ or pooled $(B, C)$
+        - heads: $(B, K, C)$
+        - labels: $(B,)$, integers in $[0, N)$
+        - output: four 0-dim tensors
+
+    Example:
+        >>> criterion = DANLoss(num_classes=7, feat_dim=64)
+        >>> logits = torch.randn(8, 7, requires_grad=True)
+        >>> out = criterion(logits, torch.randn(8, 64, 7, 7), torch.randn(8, 4, 64), torch.randint(0, 7, (8,)))
+        >>> out.loss.backward()
+        >>> sorted(out._fields), criterion.affinity.centers.grad.shape
+        (['affinity', 'ce', 'loss', 'partition'], torch.Size([7, 64]))
+    """
+
+    affinity: AffinityLoss | CenterLoss | None
+    partition: PartitionLoss | None
+
+    def __init__(
+        self,
+        num_classes: int = 7,
+        feat_dim: int = 512,
+        *,
+        lambda_af: float = 1.0,
+        lambda_pt: float = 1.0,
+        affinity: AffinityChoice = "affinity",
+        partition: PartitionChoice = "paper",
+        normalize: bool = False,
+        num_centers: int | None = None,
+        label_smoothing: float = 0.0,
+        validate: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive("num_classes", num_classes)
+        check_positive("feat_dim", feat_dim)
+        check_choice("affinity", affinity, ("affinity", "center", "none"))
+        check_choice("partition", partition, (*PARTITION_VARIANTS, "none"))
+        if normalize and partition == "none":
+            raise ValueError("normalize: expected a partition term to normalise, got partition='none'")
+        if affinity == "center" and num_centers not in (None, num_classes):
+            raise ValueError(
+                f"num_centers: the center loss has one centre per class, expected {num_classes}, "
+                f"got {num_centers}"
+            )
+        if affinity == "none" and num_centers is not None:
+            raise ValueError(f"num_centers: expected None without an affinity term, got {num_centers}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing: expected a value in [0, 1), got {label_smoothing}")
+        fk = {"validate": validate, "device": device, "dtype": dtype}
+        if affinity == "affinity":
+            self.affinity = AffinityLoss(num_classes, feat_dim, num_centers=num_centers, **fk)  # type: ignore[arg-type]
+        elif affinity == "center":
+            self.affinity = CenterLoss(num_classes, feat_dim, **fk)  # type: ignore[arg-type]
+        else:
+            self.affinity = None
+        self.partition = (
+            None if partition == "none" else PartitionLoss(partition, normalize=normalize, validate=validate)
+        )
+        self.num_classes = num_classes
+        self.feat_dim = feat_dim
+        self.lambda_af = float(lambda_af)
+        self.lambda_pt = float(lambda_pt)
+        self.label_smoothing = float(label_smoothing)
+        self.validate = validate
+
+    def forward(
+        self, logits: torch.Tensor, feature_map: torch.Tensor, heads: torch.Tensor, labels: torch.Tensor
+    ) -> DANLossOutput:
+        """The total loss and its parts; see the class docstring."""
+        if self.validate:
+            check_ndim(logits, "logits", (2,), "(B, N)")
+            check_size(logits, 1, self.num_classes, "logits", "num_classes")
+            check_labels(labels, logits.shape[0], self.num_classes)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+            zero = ce.new_zeros(())
+            af = zero if self.affinity is None else self.affinity(feature_map.float(), labels)
+            pt = zero if self.partition is None else self.partition(heads.float())
+            total = ce + self.lambda_af * af + self.lambda_pt * pt
+        return DANLossOutput(total, ce.detach(), af.detach(), pt.detach())
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return (
+            f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, lambda_af={self.lambda_af}, "
+            f"lambda_pt={self.lambda_pt}, label_smoothing={self.label_smoothing}"
+        )

@@ -494,8 +494,8 @@ class TestMultiHeadAttentionBlock:
         block = MultiHeadAttentionBlock(12, 2, channel_reduction=4).load_from_heads(spatial, channel)
         spatial_out, channel_out = block.split_heads()
         for originals, copies in ((spatial, spatial_out), (channel, channel_out)):
-            for original, copy in zip(originals, copies, strict=True):
-                state = copy.state_dict()
+            for original, duplicate in zip(originals, copies, strict=True):
+                state = duplicate.state_dict()
                 assert set(state) == set(original.state_dict())
                 for key, value in original.state_dict().items():
                     assert torch.equal(state[key], value), key
@@ -645,7 +645,8 @@ def module_graph_maps(sa: SpatialAttention, x: torch.Tensor) -> torch.Tensor:
 
     def slot(seq, inp):
         conv, norm = seq
-        return norm(F.conv2d(inp, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups))
+        out = F.conv2d(inp, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return norm(out)
 
     y = slot(sa.conv1x1, x)
     z = sum(slot(getattr(sa, name), y) for name in sa.branch_names)
@@ -742,7 +743,11 @@ class TestSwappedModules:
     @pytest.mark.parametrize(
         "path,make,named",
         [
-            ("spatial.conv_3x3.1", lambda: nn.GroupNorm(3, 36, dtype=torch.float64), r"conv_3x3\[1\] \(GroupNorm\)"),
+            (
+                "spatial.conv_3x3.1",
+                lambda: nn.GroupNorm(3, 36, dtype=torch.float64),
+                r"conv_3x3\[1\] \(GroupNorm\)",
+            ),
             ("spatial.conv1x1.1", lambda: ScaleShiftNorm(18), r"conv1x1\[1\] \(ScaleShiftNorm\)"),
             ("channel.attention.1", lambda: ScaleShiftNorm(9), r"attention\[1\] \(ScaleShiftNorm\)"),
             (
@@ -818,7 +823,8 @@ class TestHooks:
 
     def test_spatial_hook_gives_each_heads_attended_features(self):
         # what Grad-CAM on the authors' cat_head{i}.sa takes: head i's x * map_i, and its gradient
-        block = randomize(MultiHeadAttentionBlock(16, 3, channel_reduction=4, dtype=torch.float64), seed=2).eval()
+        block = MultiHeadAttentionBlock(16, 3, channel_reduction=4, dtype=torch.float64)
+        block = randomize(block, seed=2).eval()
         fusion = randomize(AttentionFusion(16, 5, dtype=torch.float64), seed=3).eval()
         store = {}
 

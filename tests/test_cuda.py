@@ -12,6 +12,8 @@ from dan_layers import (
     AttentionFusion,
     CenterLoss,
     ChannelAttention,
+    DANHead,
+    DANLoss,
     MultiHeadAttentionBlock,
     PartitionLoss,
     SpatialAttention,
@@ -151,3 +153,42 @@ class TestCudaBehaviour:
             total.backward()
         finally:
             torch.cuda.set_sync_debug_mode(previous)
+
+
+class TestCudaOneSemantics:
+    """The grouped path (CUDA) and the per-group path (CPU) compute, hook and swap alike."""
+
+    @pytest.mark.parametrize("train", [True, False])
+    def test_dan_head_and_loss(self, train):
+        head = DANHead(32, 5, num_heads=3, channel_reduction=4, dtype=torch.float64).train(train)
+        assert_parity(head, torch.randn(4, 32, 5, 5, dtype=torch.float64), return_attention=False)
+        criterion = DANLoss(5, 32, normalize=True, dtype=torch.float64)
+        inputs = (torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 32, 3, 3, dtype=torch.float64),
+                  torch.randn(4, 3, 32, dtype=torch.float64))
+        labels = torch.tensor([0, 4, 2, 2])
+        cpu = criterion(*inputs, labels)
+        gpu = copy.deepcopy(criterion).to(DEVICE)(*(t.to(DEVICE) for t in inputs), labels.to(DEVICE))
+        for c, g in zip(cpu, gpu, strict=True):
+            torch.testing.assert_close(g.cpu(), c, rtol=1e-10, atol=1e-12)
+
+    def test_hooks_see_the_same_shapes_on_both_devices(self):
+        shapes = {}
+        for dev in ("cpu", DEVICE):
+            block = MultiHeadAttentionBlock(16, 3, channel_reduction=4, device=dev).train()
+            seen = []
+            for name in ("spatial", "spatial.relu", "spatial.conv_3x3.0", "channel"):
+                block.get_submodule(name).register_forward_hook(
+                    lambda m, i, o, name=name: seen.append((name, tuple(o.shape)))
+                )
+            block(torch.randn(4, 16, 5, 5, device=dev))
+            shapes[dev] = seen
+        assert shapes["cpu"] == shapes[DEVICE] and len(shapes["cpu"]) == 4
+
+    def test_sync_batchnorm_in_eval_and_folded(self):
+        block = MultiHeadAttentionBlock(16, 2, channel_reduction=4, dtype=torch.float64).eval()
+        synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(block)).eval()
+        x = torch.randn(3, 16, 5, 5, dtype=torch.float64)
+        expected = block(x)
+        torch.testing.assert_close(synced.to(DEVICE)(x.to(DEVICE)).cpu(), expected, rtol=1e-10, atol=1e-12)
+        synced.reparameterize()
+        torch.testing.assert_close(synced(x.to(DEVICE)).cpu(), expected, rtol=1e-10, atol=1e-12)

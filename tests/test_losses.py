@@ -833,7 +833,9 @@ class TestPartitionLossNormalized:
         per_head=st.booleans(),
         variant=st.sampled_from(["paper", "official"]),
     )
-    def test_property_invariant_to_positive_scaling(self, seed, batch, num_heads, width, exponent, per_head, variant):
+    def test_property_invariant_to_positive_scaling(
+        self, seed, batch, num_heads, width, exponent, per_head, variant
+    ):
         heads = draw(seed, batch, num_heads, width)
         if per_head:  # any positive scale per sample and head, spanning up to 10 orders of magnitude
             g = torch.Generator().manual_seed(seed + 1)

@@ -21,6 +21,10 @@ DOCUMENTED = [
     "AttentionFusion",
     "CenterLoss",
     "ChannelAttention",
+    "DANHead",
+    "DANHeadOutput",
+    "DANLoss",
+    "DANLossOutput",
     "MultiHeadAttentionBlock",
     "PartitionLoss",
     "SpatialAttention",
@@ -47,7 +51,7 @@ def test_all_is_sorted_and_exactly_the_documented_names():
         assert hasattr(dan_layers, name), name
     public = {n for n in vars(dan_layers) if not n.startswith("_")}
     # nothing public beyond __all__ except the submodules that hold the code
-    assert public - set(dan_layers.__all__) <= {"attention", "deploy", "fusion", "losses"}
+    assert public - set(dan_layers.__all__) <= {"attention", "deploy", "fusion", "head", "losses"}
 
 
 def test_functional_all():
