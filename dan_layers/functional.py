@@ -39,6 +39,7 @@ __all__ = [
     "attention_pool",
     "center_loss",
     "fuse_conv_bn",
+    "head_overlap",
     "pad_kernel",
     "partition_loss",
     "pool_features",
@@ -383,6 +384,61 @@ def attention_pool(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     """
     height, width = x.shape[-2:]
     return torch.einsum("bchw,bkhw->bkc", x, maps) / (height * width)
+
+
+def head_overlap(
+    maps: torch.Tensor, *, reduction: Literal["mean", "none"] = "mean", validate: bool = True
+) -> torch.Tensor:
+    r"""How much $K$ heads' attention maps overlap: 1 for identical maps, 0 for disjoint ones.
+
+    Each map is normalised to sum to 1 over its cells, $p_{bk} = m_{bk} / \sum_{hw} m_{bk}$;
+    two heads overlap by the attention mass they put on the same cells,
+    $\sum_{hw} \min(p_{bk}, p_{bj})$ (one minus their total-variation distance);
+    the result is the mean over the $K(K-1)/2$ head pairs and the samples:
+
+    $$O = \frac{2}{B K (K-1)} \sum_{b=1}^{B} \sum_{k<j} \sum_{h,w} \min\big(p_{bkhw}, p_{bjhw}\big)$$
+
+    It lies in $[0, 1]$ and is unchanged by scaling any map (DAN's maps are
+    unnormalised) and by permuting the heads. A map that is zero everywhere
+    (a head that attends nowhere) overlaps nothing. Heads that all attend
+    evenly everywhere overlap fully, as they do not divide the face.
+
+    Args:
+        maps: non-negative attention maps, one per head, such as DAN's spatial maps.
+        reduction: ``"mean"`` over samples, or ``"none"`` for one value per sample.
+        validate: check the shape, at least two heads and non-negative values
+            (the last reads the values: a host sync on CUDA).
+
+    Returns:
+        The overlap, a 0-dim tensor, or $(B,)$ with ``reduction="none"``.
+
+    Shape:
+        - maps: $(B, K, H, W)$, $K \ge 2$ (any trailing dims are flattened into the cells)
+        - output: $()$, or $(B,)$ with ``reduction="none"``
+
+    Example:
+        >>> left = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+        >>> maps = torch.stack([left, left.flip(-1), 3 * left])[None]   # (1, 3, 2, 2)
+        >>> head_overlap(maps)  # pairs: disjoint 0, scaled copy 1, disjoint 0
+        tensor(0.3333)
+    """
+    check_choice("reduction", reduction, ("mean", "none"))
+    if validate:
+        check_ndim(maps, "maps", range(3, 65), "(B, K, H, W) with heads on dim 1")
+        check_floating(maps, "maps")
+        if maps.shape[1] < 2:
+            raise ValueError(f"maps: expected at least 2 heads to compare, got {maps.shape[1]}")
+        if maps.numel() == 0:
+            raise ValueError(f"maps: expected a non-empty tensor, got shape {tuple(maps.shape)}")
+        if bool((maps < 0).any()):
+            raise ValueError("maps: expected non-negative attention maps, got negative values")
+    p = rearrange(maps, "b k ... -> b k (...)").to(_compute_dtype(maps))
+    p = p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    num_heads = p.shape[1]
+    shared = torch.minimum(p.unsqueeze(2), p.unsqueeze(1)).sum(dim=-1)  # (b, k, k)
+    pairs = torch.triu_indices(num_heads, num_heads, offset=1, device=p.device)
+    per_sample = shared[:, pairs[0], pairs[1]].mean(dim=-1)
+    return per_sample if reduction == "none" else per_sample.mean()
 
 
 def fuse_conv_bn(

@@ -37,6 +37,7 @@ DOCUMENTED_FUNCTIONAL = [
     "attention_pool",
     "center_loss",
     "fuse_conv_bn",
+    "head_overlap",
     "pad_kernel",
     "partition_loss",
     "pool_features",
