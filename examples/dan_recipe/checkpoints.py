@@ -92,11 +92,9 @@ def read_checkpoint(path: str | os.PathLike[str], flag: str) -> Any:
         CheckpointError: Unreadable, or written by a newer version of the recipe.
     """
     try:
-        obj = load_weights_only(path, "checkpoint")
+        obj = load_weights_only(path, "checkpoint", flag=flag)
     except FileNotFoundError:
         raise UserError(f"{flag} {path}: expected a checkpoint file, got a path that does not exist") from None
-    except CheckpointError as exc:
-        raise CheckpointError(f"{flag}: {exc}") from None
     if is_our_checkpoint(obj) and obj["format"] != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{flag} {path}: expected checkpoint format {CHECKPOINT_FORMAT!r}, got {obj['format']!r} "

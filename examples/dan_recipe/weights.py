@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 _UNSAFE_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
-_INNER_ERROR_RE = re.compile(r"WeightsUnpickler error: ([^\n]*)")
+_INNER_ERROR_RE = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")
 
 
 def describe_load_error(exc: BaseException) -> str:
@@ -73,20 +73,25 @@ def describe_load_error(exc: BaseException) -> str:
     if "PytorchStreamReader" in text:
         return "the file is cut short or corrupted (its zip archive cannot be read)"
     inner = _INNER_ERROR_RE.search(text)
+    if "Unsupported operand" in text or (inner is None and isinstance(exc, (KeyError, ValueError))):
+        return "not a PyTorch checkpoint (the file is not in torch.save's format)"
     if inner:
         return f"not a PyTorch checkpoint ({inner.group(1).strip().rstrip('.')})"
-    if "Weights only load failed" in text or isinstance(exc, (KeyError, ValueError)):
+    if "Weights only load failed" in text:
         return "not a PyTorch checkpoint (its contents cannot be unpickled)"
     first = text.strip().splitlines()[0] if text.strip() else ""
     return f"not a PyTorch checkpoint ({type(exc).__name__}{': ' + first if first else ''})"
 
 
-def load_weights_only(path: str | os.PathLike[str], what: str = "checkpoint") -> Any:
+def load_weights_only(
+    path: str | os.PathLike[str], what: str = "checkpoint", *, flag: str | None = None
+) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line errors.
 
     Args:
         path: The file.
         what: What the file is meant to be, for the message (``"checkpoint"``).
+        flag: The command-line option that named the file, to start the message with.
 
     Returns:
         The loaded object (dicts, lists, tensors, numbers, strings).
@@ -102,8 +107,9 @@ def load_weights_only(path: str | os.PathLike[str], what: str = "checkpoint") ->
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle with classes, garbage, ...
+        where = f"{flag} {path}: cannot read {what}" if flag else f"cannot read {what} {path!r}"
         raise CheckpointError(
-            f"cannot read {what} {path!r} with torch.load(weights_only=True): {describe_load_error(exc)}"
+            f"{where} with torch.load(weights_only=True): {describe_load_error(exc)}"
         ) from None
 
 
