@@ -246,7 +246,7 @@ def _add_data_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--augment",
         choices=["rafdb", "affectnet", "demo", "none"],
-        help="augmentation preset of transforms.py (default: the preset's name)",
+        help="augmentation preset of dan_recipe.transforms (default: the preset's name)",
     )
     g.add_argument("--balanced-sampler", action=bo, help="class-balanced sampling")
     g.add_argument("--num-workers", type=int)
@@ -385,7 +385,7 @@ def as_plain_values(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 #: Rows of :func:`presets_markdown_table`: the settings that make up a recipe.
 TABLE_KEYS: tuple[str, ...] = (
-    "data", "synthetic_train", "val_fraction", "image_size", "augment", "epochs", "batch_size",
+    "data", "synthetic_train", "synthetic_test", "val_fraction", "image_size", "augment", "epochs", "batch_size",
     "optimizer", "lr", "momentum", "weight_decay", "center_weight_decay", "scheduler", "step_size",
     "gamma", "warmup_epochs", "min_lr_ratio", "balanced_sampler", "num_heads", "affinity", "num_centers",
     "partition", "lambda_af", "lambda_pt", "threads",
@@ -411,7 +411,8 @@ def presets_markdown_table() -> str:
 
     A value the preset leaves at its default is shown as it is, and ``-`` marks a
     setting that does not apply (``step_size`` without the step scheduler, and so
-    on). ``docs/guides/reproduce.md`` holds this table verbatim.
+    on). ``docs/guides/reproduce.md`` holds this table verbatim; print it with
+    ``python -m dan_recipe.config`` from ``examples/``.
     """
     names = list(PRESETS)
     columns = {n: preset_values(n) for n in names}
@@ -426,6 +427,7 @@ def presets_markdown_table() -> str:
 def _cell(key: str, values: Mapping[str, Any]) -> str:
     unused = {
         "synthetic_train": values["data"] != "synthetic",
+        "synthetic_test": values["data"] != "synthetic",
         "momentum": values["optimizer"] != "sgd",
         "step_size": values["scheduler"] != "step",
         "gamma": values["scheduler"] not in ("step", "exponential"),
@@ -440,3 +442,7 @@ def _cell(key: str, values: Mapping[str, Any]) -> str:
     if key == "threads" and value is None:
         return "torch's default"
     return f"`{value}`"
+
+
+if __name__ == "__main__":
+    print(presets_markdown_table(), end="")

@@ -49,9 +49,10 @@ def _build_net(current: Run, raw: Any, path: Path, num_classes: int) -> tuple[DA
     cfg["num_heads"] = shape["num_heads"]
     if not ours:
         if shape["num_classes"] != num_classes:
+            hint = " (--num-classes 7 or 8 picks AffectNet's)" if cfg["data"] == "affectnet" else ""
             raise UserError(
                 f"--checkpoint {path}: expected a model of the {num_classes} classes of the {cfg['data']} "
-                f"test set, got one of {shape['num_classes']} classes (set --num-classes)"
+                f"test set{hint}, got one of {shape['num_classes']} classes"
             )
         cfg["affinity"] = "none"  # their files hold no centres: no affinity loss to report
         current.sources["affinity"] = "authors' checkpoint has no centres"

@@ -8,30 +8,13 @@ scored as ``b``, and train {a, b} with test {a, c} ran silently.
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+import train_dan
+from dan_recipe import config, data, loaders
+from tiny_runs import TINY
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-
-import train_dan  # noqa: E402
-from dan_recipe import config, data, loaders  # noqa: E402
-
-TINY = [
-    "--image-size",
-    "32",
-    "--batch-size",
-    "8",
-    "--epochs",
-    "1",
-    "--threads",
-    "1",
-    "--no-progress",
-    "--no-plots",
-]
 FOLDERS = ["--data", "imagefolder", "--no-balanced-sampler", "--augment", "none", "--val-fraction", "0"]
 
 

@@ -12,20 +12,14 @@ import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
+import train_dan
+from dan_recipe import runtime
+from tiny_runs import EXAMPLES, ROOT, SYNTH
+from tiny_runs import TINY as QUIET_TINY
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-
-import train_dan  # noqa: E402
-from dan_recipe import runtime  # noqa: E402
-
-TINY = ["--image-size", "32", "--batch-size", "8", "--epochs", "1", "--threads", "1", "--no-plots"]
-SYNTH = ["--data", "synthetic", "--synthetic-train", "28", "--synthetic-test", "14"]
+TINY = [arg for arg in QUIET_TINY if arg != "--no-progress"]
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal (POSIX)")

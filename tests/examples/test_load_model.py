@@ -7,32 +7,15 @@ and what its preprocessing needs; ``transforms.eval_transform`` is that preproce
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import train_dan
+from dan_recipe import checkpoints, data, errors, model, reporting, synthetic_faces, transforms, weights
+from tiny_runs import TINY
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-
-import train_dan  # noqa: E402
-from dan_recipe import checkpoints, data, errors, model, reporting, synthetic_faces, transforms, weights  # noqa: E402
-
-TINY = [
-    "--image-size",
-    "32",
-    "--batch-size",
-    "8",
-    "--epochs",
-    "1",
-    "--threads",
-    "1",
-    "--no-progress",
-    "--no-plots",
-]
 SYNTH = ["--data", "synthetic", "--synthetic-train", "28", "--synthetic-test", "14", "--val-fraction", "0"]
 
 

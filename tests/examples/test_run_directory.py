@@ -9,35 +9,17 @@ Issue 10, items 3-5: a second run into the same ``--out`` overwrote ``best.pt``,
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-
-import train_dan  # noqa: E402
-
-TINY = [
-    "--image-size",
-    "32",
-    "--batch-size",
-    "8",
-    "--epochs",
-    "1",
-    "--threads",
-    "1",
-    "--no-progress",
-    "--no-plots",
-]
-SYNTH = ["--data", "synthetic", "--synthetic-train", "28", "--synthetic-test", "14"]
+import train_dan
+from tiny_runs import SYNTH, TINY
+from tiny_runs import run as tiny_run
 
 
 def run(out: Path, *args: str) -> dict:
-    return train_dan.main([*TINY, *SYNTH, "--out", str(out), *args])
+    return tiny_run(out, *SYNTH, *args)
 
 
 # ----------------------------------------------------------------------------------------

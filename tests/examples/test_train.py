@@ -10,35 +10,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-
-import train_dan  # noqa: E402
-from dan_recipe import checkpoints, config, distributed, engine, errors, optim, weights  # noqa: E402
-from dan_recipe import model as recipe_model  # noqa: E402
+import train_dan
+from dan_recipe import checkpoints, config, distributed, engine, errors, optim, weights
+from dan_recipe import model as recipe_model
 
 # a run as small as a run can be: 32 px, 3 steps of 8, 1 epoch, no figures
-TINY = [
-    "--image-size", "32",
-    "--batch-size", "8",
-    "--epochs", "1",
-    "--num-workers", "0",
-    "--threads", "1",
-    "--no-progress",
-    "--no-plots",
-]  # fmt: skip
-SYNTH = ["--data", "synthetic", "--synthetic-train", "28", "--synthetic-test", "14"]
-
-
-def run(out: Path, *args: str) -> dict:
-    return train_dan.main([*TINY, "--out", str(out), *args])
+from tiny_runs import EXAMPLES, ROOT, SYNTH, TINY, run
 
 
 def _check_metrics(m: dict, num_classes: int) -> None:

@@ -16,27 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-
-import train_dan  # noqa: E402
-from dan_recipe import errors  # noqa: E402
-
-TINY = [
-    "--image-size",
-    "32",
-    "--batch-size",
-    "8",
-    "--epochs",
-    "1",
-    "--threads",
-    "1",
-    "--no-progress",
-    "--no-plots",
-]
+import train_dan
+from dan_recipe import errors
+from tiny_runs import EXAMPLES, ROOT, TINY
 
 
 class _Evil:  # a class that a weights_only load refuses to unpickle
