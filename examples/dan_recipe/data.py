@@ -19,8 +19,9 @@ and the synthetic faces have fixed lists. An :class:`ImageFolder` sorts its fold
 names, unless it is given the list (``classes=``): then every folder is mapped by
 its name, a folder that is not in the list is an error
 (:class:`UnknownClassesError`), and a class without a folder just has no samples.
-A test split is read with the training split's list (:func:`build_dataset`'s
-``classes``), so that label ``k`` means the same class in every split.
+A test split is read with the training split's list
+(:func:`dan_recipe.loaders.build_dataset`'s ``classes``), so that label ``k`` means
+the same class in every split.
 
 Errors: a missing file or directory, or a layout that is not the expected one,
 raises at construction (``FileNotFoundError`` / ``ValueError``) with a message
@@ -52,7 +53,6 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset, default_collate
 
 from . import synthetic_faces
-from . import transforms as T
 
 __all__ = [
     "AFFECTNET_CLASSES",
@@ -62,9 +62,9 @@ __all__ = [
     "ImageFolder",
     "RafDB",
     "UnknownClassesError",
-    "build_dataset",
     "collate_skip_none",
     "dataset_labels",
+    "describe_dir",
     "parse_rafdb_labels",
 ]
 
@@ -97,8 +97,8 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _describe_dir(path: Path, limit: int = 8) -> str:
-    """A short listing of a directory for error messages."""
+def describe_dir(path: Path, limit: int = 8) -> str:
+    """A short listing of a directory for error messages (or why there is none)."""
     if not path.exists():
         return f"{path} does not exist"
     if not path.is_dir():
@@ -261,16 +261,14 @@ class RafDB(_FileDataset):
             f"expected RAF-DB layout {root}/{RAFDB_LABEL_FILE} and {root}/{RAFDB_IMAGE_DIR}/<name>_aligned.jpg"
         )
         if not root.is_dir():
-            raise FileNotFoundError(f"RAF-DB root: {expected}; {_describe_dir(root)}")
+            raise FileNotFoundError(f"RAF-DB root: {expected}; {describe_dir(root)}")
         label_file = root / RAFDB_LABEL_FILE
         if not label_file.is_file():
-            raise FileNotFoundError(
-                f"RAF-DB label file missing: {expected}; {_describe_dir(label_file.parent)}"
-            )
+            raise FileNotFoundError(f"RAF-DB label file missing: {expected}; {describe_dir(label_file.parent)}")
         image_dir = root / RAFDB_IMAGE_DIR
         if not image_dir.is_dir():
             raise FileNotFoundError(
-                f"RAF-DB image directory missing: {expected}; {_describe_dir(image_dir.parent)}"
+                f"RAF-DB image directory missing: {expected}; {describe_dir(image_dir.parent)}"
             )
         present = set(os.listdir(image_dir))
         samples: list[tuple[Path, int]] = []
@@ -346,10 +344,10 @@ class AffectNet(_FileDataset):
         folder = root / split
         expected = f"expected AffectNet layout {root}/{split}/<0..7>/<images>"
         if not folder.is_dir():
-            raise FileNotFoundError(f"AffectNet split folder missing: {expected}; {_describe_dir(root)}")
+            raise FileNotFoundError(f"AffectNet split folder missing: {expected}; {describe_dir(root)}")
         found = {p.name for p in folder.iterdir() if p.is_dir() and p.name.isdigit()}
         if not found & {str(k) for k in range(8)}:
-            raise ValueError(f"AffectNet: no class folder 0..7: {expected}; {_describe_dir(folder)}")
+            raise ValueError(f"AffectNet: no class folder 0..7: {expected}; {describe_dir(folder)}")
         samples: list[tuple[Path, int]] = []
         empty = []
         for k in range(num_classes):
@@ -415,10 +413,10 @@ class ImageFolder(_FileDataset):
         root = Path(root)
         expected = f"expected class folders {root}/<class name>/<images>"
         if not root.is_dir():
-            raise FileNotFoundError(f"ImageFolder root: {expected}; {_describe_dir(root)}")
+            raise FileNotFoundError(f"ImageFolder root: {expected}; {describe_dir(root)}")
         folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not folders:
-            raise ValueError(f"ImageFolder: no class folder: {expected}; {_describe_dir(root)}")
+            raise ValueError(f"ImageFolder: no class folder: {expected}; {describe_dir(root)}")
         if classes is None:
             classes = folders
         unknown = sorted(set(folders) - set(classes))
@@ -435,115 +433,6 @@ class ImageFolder(_FileDataset):
             )
         super().__init__(samples, classes, transform, on_error)
         self.root = root
-
-
-# --------------------------------------------------------------------------------------
-# Factory
-# --------------------------------------------------------------------------------------
-
-_DEFAULT_PRESET = {"synthetic": "demo", "rafdb": "rafdb", "affectnet": "affectnet", "imagefolder": "rafdb"}
-_SYNTHETIC_DEFAULT_SIZE = {"train": 3500, "test": 700}
-
-
-def _find_subfolder(root: Path, split: str) -> Path:
-    aliases = {"test": ("test", "val", "validation"), "val": ("val", "validation", "test")}.get(split, (split,))
-    if root.is_dir():
-        by_lower = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
-        for a in aliases:
-            if a in by_lower:
-                return by_lower[a]
-    raise FileNotFoundError(
-        f"imagefolder split {split!r}: expected a folder {root}/<{'|'.join(aliases)}> (any case) "
-        f"holding <class name>/<images>; {_describe_dir(root)}"
-    )
-
-
-def build_dataset(
-    kind: str,
-    root: str | os.PathLike[str] | None = None,
-    split: str | None = "train",
-    image_size: int = 224,
-    num_classes: int | None = None,
-    preset: str | None = None,
-    *,
-    train: bool | None = None,
-    transform: Transform | None = None,
-    num_samples: int | None = None,
-    seed: int = 0,
-    hidden_regions: Sequence[str] = (),
-    on_error: OnError = "skip",
-    classes: Sequence[str] | None = None,
-) -> Dataset:
-    """Build a dataset with the preset's transforms.
-
-    Args:
-        kind: ``"synthetic"``, ``"rafdb"``, ``"affectnet"`` or ``"imagefolder"``.
-        root: Dataset directory (ignored for ``synthetic``). For ``imagefolder``
-            the split's sub-folder is used (``root/<split>``, any case; ``test``
-            falls back to ``val``/``validation``), or ``root`` itself if
-            ``split`` is ``None``.
-        split: ``"train"`` or ``"test"`` (AffectNet: ``"test"`` reads ``val`` when
-            there is no ``test`` folder, as AffectNet ships no public test set).
-        image_size: Output image size.
-        num_classes: AffectNet 7 or 8 (default 8); for the others it must equal
-            the dataset's own number of classes if given.
-        preset: Transform preset (``transforms.PRESETS``); default by kind
-            (synthetic ``demo``, rafdb ``rafdb``, affectnet ``affectnet``,
-            imagefolder ``rafdb``).
-        train: Augment (training pipeline); default ``split == "train"``.
-        transform: Overrides the preset's pipeline if given.
-        num_samples: Synthetic only: number of faces (default 3500 train, 700 test).
-        seed: Synthetic only: base seed.
-        hidden_regions: Synthetic only: regions not drawn.
-        on_error: File datasets: ``"skip"`` or ``"raise"`` on unreadable images.
-        classes: ``imagefolder`` only: the class names in label order (e.g. the
-            training split's when reading the test split), which the folders are
-            mapped by (see :class:`ImageFolder`). The other kinds have fixed classes.
-
-    Returns:
-        The dataset; it has ``.targets`` and ``.classes``.
-
-    Raises:
-        ValueError: On an unknown kind, missing root or inconsistent ``num_classes``
-            (:class:`UnknownClassesError` for class folders not among ``classes``).
-    """
-    kinds = tuple(_DEFAULT_PRESET)
-    if kind not in kinds:
-        raise ValueError(f"kind: expected one of {list(kinds)}, got {kind!r}")
-    if train is None:
-        train = split == "train"
-    if transform is None:
-        transform = T.build_transforms(preset or _DEFAULT_PRESET[kind], image_size, train)
-    if kind == "synthetic":
-        if num_classes not in (None, len(synthetic_faces.CLASS_NAMES)):
-            raise ValueError(f"synthetic faces have 7 classes, got num_classes={num_classes}")
-        if split not in ("train", "test"):
-            raise ValueError(f"synthetic split: expected 'train' or 'test', got {split!r}")
-        n = num_samples if num_samples is not None else _SYNTHETIC_DEFAULT_SIZE[split]
-        return synthetic_faces.SyntheticFaces(
-            n, image_size, seed=seed, split=split, transform=transform, hidden_regions=hidden_regions
-        )
-    if root is None:
-        raise ValueError(f"{kind}: expected a dataset root directory, got None")
-    root = Path(root)
-    ds: _FileDataset
-    if kind == "rafdb":
-        ds = RafDB(root, split, transform, on_error)
-    elif kind == "affectnet":
-        nc = 8 if num_classes is None else num_classes
-        sp = split
-        if split == "test" and not (root / "test").is_dir():
-            sp = "val"
-        ds = AffectNet(root, sp, nc, transform, on_error)
-    else:
-        folder = root if split is None else _find_subfolder(root, split)
-        ds = ImageFolder(folder, transform, on_error, classes=classes)
-    if num_classes is not None and kind != "affectnet" and num_classes != len(ds.classes):
-        raise ValueError(
-            f"{kind} at {root}: expected num_classes={len(ds.classes)} (the dataset's classes "
-            f"{ds.classes}), got num_classes={num_classes}"
-        )
-    return ds
 
 
 def dataset_labels(ds: Dataset) -> list[int]:

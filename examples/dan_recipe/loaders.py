@@ -1,5 +1,9 @@
 """The data of a run: its train / validation / test datasets, class list and loaders.
 
+:func:`build_dataset` reads one split of any kind (synthetic, RAF-DB, AffectNet,
+class folders) with its preset's transforms; :func:`build_run_data` reads the
+splits of a run, :func:`build_loaders` makes their loaders.
+
 * The **class list** comes from the training split (or, for ``--eval-only`` with one
   of our checkpoints, from the checkpoint), and every other split is read with it,
   so label ``k`` names one class everywhere. A test class that the list lacks is an
@@ -16,6 +20,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +31,21 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from . import data as readers
+from . import synthetic_faces
 from . import transforms as T
 from .distributed import Dist
 from .errors import UserError
 from .samplers import ClassBalancedSampler, EpochShuffleSampler, ShardSampler
 
-__all__ = ["Loaders", "RenderCache", "RunData", "build_loaders", "build_run_data", "stratified_split"]
+__all__ = [
+    "Loaders",
+    "RenderCache",
+    "RunData",
+    "build_dataset",
+    "build_loaders",
+    "build_run_data",
+    "stratified_split",
+]
 
 
 @dataclass
@@ -103,6 +117,115 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple
 
 
 # --------------------------------------------------------------------------------------
+# Reading one split
+# --------------------------------------------------------------------------------------
+
+_DEFAULT_PRESET = {"synthetic": "demo", "rafdb": "rafdb", "affectnet": "affectnet", "imagefolder": "rafdb"}
+_SYNTHETIC_DEFAULT_SIZE = {"train": 3500, "test": 700}
+
+
+def _find_subfolder(root: Path, split: str) -> Path:
+    aliases = {"test": ("test", "val", "validation"), "val": ("val", "validation", "test")}.get(split, (split,))
+    if root.is_dir():
+        by_lower = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+        for a in aliases:
+            if a in by_lower:
+                return by_lower[a]
+    raise FileNotFoundError(
+        f"imagefolder split {split!r}: expected a folder {root}/<{'|'.join(aliases)}> (any case) "
+        f"holding <class name>/<images>; {readers.describe_dir(root)}"
+    )
+
+
+def build_dataset(
+    kind: str,
+    root: str | os.PathLike[str] | None = None,
+    split: str | None = "train",
+    image_size: int = 224,
+    num_classes: int | None = None,
+    preset: str | None = None,
+    *,
+    train: bool | None = None,
+    transform: readers.Transform | None = None,
+    num_samples: int | None = None,
+    seed: int = 0,
+    hidden_regions: Sequence[str] = (),
+    on_error: readers.OnError = "skip",
+    classes: Sequence[str] | None = None,
+) -> Dataset:
+    """Build a dataset with the preset's transforms.
+
+    Args:
+        kind: ``"synthetic"``, ``"rafdb"``, ``"affectnet"`` or ``"imagefolder"``.
+        root: Dataset directory (ignored for ``synthetic``). For ``imagefolder``
+            the split's sub-folder is used (``root/<split>``, any case; ``test``
+            falls back to ``val``/``validation``), or ``root`` itself if
+            ``split`` is ``None``.
+        split: ``"train"`` or ``"test"`` (AffectNet: ``"test"`` reads ``val`` when
+            there is no ``test`` folder, as AffectNet ships no public test set).
+        image_size: Output image size.
+        num_classes: AffectNet 7 or 8 (default 8); for the others it must equal
+            the dataset's own number of classes if given.
+        preset: Transform preset (``transforms.PRESETS``); default by kind
+            (synthetic ``demo``, rafdb ``rafdb``, affectnet ``affectnet``,
+            imagefolder ``rafdb``).
+        train: Augment (training pipeline); default ``split == "train"``.
+        transform: Overrides the preset's pipeline if given.
+        num_samples: Synthetic only: number of faces (default 3500 train, 700 test).
+        seed: Synthetic only: base seed.
+        hidden_regions: Synthetic only: regions not drawn.
+        on_error: File datasets: ``"skip"`` or ``"raise"`` on unreadable images.
+        classes: ``imagefolder`` only: the class names in label order (e.g. the
+            training split's when reading the test split), which the folders are
+            mapped by (see :class:`dan_recipe.data.ImageFolder`). The other kinds have fixed classes.
+
+    Returns:
+        The dataset; it has ``.targets`` and ``.classes``.
+
+    Raises:
+        ValueError: On an unknown kind, missing root or inconsistent ``num_classes``
+            (:class:`dan_recipe.data.UnknownClassesError` for class folders not among ``classes``).
+    """
+    kinds = tuple(_DEFAULT_PRESET)
+    if kind not in kinds:
+        raise ValueError(f"kind: expected one of {list(kinds)}, got {kind!r}")
+    if train is None:
+        train = split == "train"
+    if transform is None:
+        transform = T.build_transforms(preset or _DEFAULT_PRESET[kind], image_size, train)
+    if kind == "synthetic":
+        if num_classes not in (None, len(synthetic_faces.CLASS_NAMES)):
+            raise ValueError(f"synthetic faces have 7 classes, got num_classes={num_classes}")
+        if split not in ("train", "test"):
+            raise ValueError(f"synthetic split: expected 'train' or 'test', got {split!r}")
+        n = num_samples if num_samples is not None else _SYNTHETIC_DEFAULT_SIZE[split]
+        return synthetic_faces.SyntheticFaces(
+            n, image_size, seed=seed, split=split, transform=transform, hidden_regions=hidden_regions
+        )
+    if root is None:
+        raise ValueError(f"{kind}: expected a dataset root directory, got None")
+    root = Path(root)
+    ds: readers.RafDB | readers.AffectNet | readers.ImageFolder
+    if kind == "rafdb":
+        ds = readers.RafDB(root, split, transform, on_error)
+    elif kind == "affectnet":
+        nc = 8 if num_classes is None else num_classes
+        sp = split
+        if split == "test" and not (root / "test").is_dir():
+            sp = "val"
+        ds = readers.AffectNet(root, sp, nc, transform, on_error)
+    else:
+        folder = root if split is None else _find_subfolder(root, split)
+        ds = readers.ImageFolder(folder, transform, on_error, classes=classes)
+    if num_classes is not None and kind != "affectnet" and num_classes != len(ds.classes):
+        raise ValueError(
+            f"{kind} at {root}: expected num_classes={len(ds.classes)} (the dataset's classes "
+            f"{ds.classes}), got num_classes={num_classes}"
+        )
+    return ds
+
+
+# --------------------------------------------------------------------------------------
 # Reading the splits, with one-line errors
 # --------------------------------------------------------------------------------------
 
@@ -137,7 +260,7 @@ def _read_split(
     num_classes = cfg["num_classes"] if kind == "affectnet" else None
     preset = None if cfg["augment"] == "none" else cfg["augment"]
     try:
-        ds = readers.build_dataset(
+        ds = build_dataset(
             kind, cfg["data_root"], split, cfg["image_size"], num_classes, preset, train=train,
             classes=classes if kind == "imagefolder" else None, **kw,
         )  # fmt: skip

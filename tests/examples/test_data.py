@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dan_recipe import data, reporting, samplers
+from dan_recipe import data, loaders, reporting, samplers
 from dan_recipe import synthetic_faces as sf
 from dan_recipe import transforms as T
 from torch.utils.data import DataLoader
@@ -420,33 +420,33 @@ class TestImageFolder:
 
 class TestBuildDataset:
     def test_synthetic(self):
-        ds = data.build_dataset("synthetic", None, "train", 24, num_samples=14, seed=1)
+        ds = loaders.build_dataset("synthetic", None, "train", 24, num_samples=14, seed=1)
         assert len(ds) == 14 and ds.classes == list(sf.CLASS_NAMES)
         assert ds[0][0].shape == (3, 24, 24)
-        te = data.build_dataset("synthetic", None, "test", 24, preset="demo")
+        te = loaders.build_dataset("synthetic", None, "test", 24, preset="demo")
         assert len(te) == 700
         with pytest.raises(ValueError, match="7 classes"):
-            data.build_dataset("synthetic", None, "train", 24, num_classes=8)
+            loaders.build_dataset("synthetic", None, "train", 24, num_classes=8)
 
     def test_file_kinds(self, tmp_path, make_rafdb_tree, make_affectnet_tree, make_imagefolder_tree):
-        r = data.build_dataset("rafdb", make_rafdb_tree(tmp_path, 7, n_test=3), "test", 20)
+        r = loaders.build_dataset("rafdb", make_rafdb_tree(tmp_path, 7, n_test=3), "test", 20)
         assert len(r) == 3 and r[0][0].shape == (3, 20, 20)
-        a = data.build_dataset("affectnet", make_affectnet_tree(tmp_path, 1), "test", 20, num_classes=7)
+        a = loaders.build_dataset("affectnet", make_affectnet_tree(tmp_path, 1), "test", 20, num_classes=7)
         assert len(a) == 7 and a.split == "val"  # no test folder: val
         root = make_imagefolder_tree(tmp_path, 1, splits=("Train", "Val"))
-        f = data.build_dataset("imagefolder", root, "test", 20, preset="affectnet")
+        f = loaders.build_dataset("imagefolder", root, "test", 20, preset="affectnet")
         assert len(f) == 3 and f[0][0].shape == (3, 20, 20)
-        assert len(data.build_dataset("imagefolder", root, "train", 20, num_classes=3)) == 3
+        assert len(loaders.build_dataset("imagefolder", root, "train", 20, num_classes=3)) == 3
         with pytest.raises(ValueError, match="num_classes=4"):
-            data.build_dataset("imagefolder", root, "train", 20, num_classes=4)
+            loaders.build_dataset("imagefolder", root, "train", 20, num_classes=4)
         with pytest.raises(FileNotFoundError, match="imagefolder split 'extra'"):
-            data.build_dataset("imagefolder", root, "extra", 20)
+            loaders.build_dataset("imagefolder", root, "extra", 20)
 
     def test_errors(self, tmp_path):
         with pytest.raises(ValueError, match="kind"):
-            data.build_dataset("fer2013", tmp_path)
+            loaders.build_dataset("fer2013", tmp_path)
         with pytest.raises(ValueError, match="root"):
-            data.build_dataset("rafdb", None)
+            loaders.build_dataset("rafdb", None)
 
 
 # --------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_demo_preset_stays_within_its_compute_budget():
     """
     demo = config.preset_values("demo")
     seen = demo["epochs"] * round(demo["synthetic_train"] * (1 - demo["val_fraction"]))
-    assert seen <= 11_250, f"the demo trains on {seen} images; its time budget allows 11,250"
+    assert seen <= 9_000, f"the demo trains on {seen} images; its time budget allows 9,000"
     assert demo["image_size"] <= 48
     cfg, _ = config.resolve_config(["--preset", "demo"])
     net = recipe_model.build_model_with_losses(cfg, 7)
