@@ -45,7 +45,7 @@ def test_presets_table_shows_every_preset_value():
 
 def test_readme_demo_sentence_matches_the_preset():
     text = README.read_text(encoding="utf-8")
-    found = re.search(r"on ([\d,]+) synthetic faces at (\d+) px, (\d+) epochs", text)
+    found = re.search(r"on ([\d,]+)\s+synthetic\s+faces\s+at\s+(\d+)\s+px,\s+(\d+)\s+epochs", text)
     assert found, "README: the demo sentence ('on N synthetic faces at S px, E epochs') is missing"
     demo = config.preset_values("demo")
     faces, size, epochs = int(found.group(1).replace(",", "")), int(found.group(2)), int(found.group(3))
