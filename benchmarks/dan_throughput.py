@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "compile_s": "wall time of the first two calls (train) / first call (infer), "
                                 "i.e. compilation; much shorter when the inductor cache is warm",
                    "repeats_max": repeats,
-                   "flops": "inference 2*MACs*images/s; training 3*2*MACs*images/s; MACs by dan_recipe.model.count_macs",
+                   "flops": "inference 2*MACs*images/s; training 3*2*MACs*images/s; "
+                            "MACs by dan_recipe.model.count_macs",
                    "timing": "interleaved rounds (incl. the matmul), median"},
         "rows": rows,
     }
