@@ -25,6 +25,7 @@ from .errors import UserError
 
 __all__ = [
     "AMP_WITHOUT_BF16_WARNING",
+    "AutoThreads",
     "ProcessSettings",
     "amp_setup",
     "apply_determinism",
@@ -61,51 +62,106 @@ class ProcessSettings(contextlib.AbstractContextManager):
         torch.set_num_threads(self.saved[2])
 
 
-def busy_cpus(interval: float = 0.5) -> float | None:
-    """CPUs kept busy by other processes right now (from /proc/stat), or None."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
-        return idle, sum(vals)
-
+def cpu_jiffies(stat: str | os.PathLike[str] = "/proc/stat") -> tuple[int, int] | None:
+    """``(idle, total)`` clock ticks of all CPUs since boot (Linux), or ``None``."""
     try:
-        i0, t0 = sample()
-        time.sleep(interval)
-        i1, t1 = sample()
+        with open(stat) as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        return vals[3] + (vals[4] if len(vals) > 4 else 0), sum(vals)  # idle + iowait
     except (OSError, ValueError, IndexError):
         return None
-    if t1 <= t0:
+
+
+def busy_share(before: tuple[int, int] | None, after: tuple[int, int] | None, cpus: int) -> float | None:
+    """How many CPUs were busy, on average, between two :func:`cpu_jiffies` samples."""
+    if before is None or after is None or after[1] <= before[1]:
         return None
-    return (1.0 - (i1 - i0) / (t1 - t0)) * (os.cpu_count() or 1)
+    return (1.0 - (after[0] - before[0]) / (after[1] - before[1])) * cpus
 
 
-def auto_threads() -> tuple[int, str]:
-    """Threads for this process: the CPUs that other processes leave free right now.
+def busy_cpus(interval: float = 0.5) -> float | None:
+    """CPUs kept busy by other processes right now (this one sleeps while it samples), or None."""
+    before = cpu_jiffies()
+    time.sleep(interval)
+    return busy_share(before, cpu_jiffies(), os.cpu_count() or 1)
+
+
+def threads_left(cpus: int, busy_elsewhere: float) -> int:
+    """Threads for this process: the CPUs that other processes leave free (at least 1).
 
     On a 2-core machine, two OpenMP threads run at ~1.7x one thread when the machine
     is idle but several times SLOWER than one thread when another process keeps a
-    core busy (the threads wait for each other at every parallel region). So a busy
-    machine gets fewer threads. Under torchrun the launcher's OMP_NUM_THREADS wins.
+    core busy (the threads wait for each other at every parallel region).
     """
+    return max(1, min(cpus, int(cpus - busy_elsewhere + 0.25)))
+
+
+def auto_threads() -> tuple[int, str]:
+    """Threads for this process now, and why. Under torchrun the launcher's OMP_NUM_THREADS wins."""
     n = os.cpu_count() or 1
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads(), "OMP_NUM_THREADS is set"
     busy = busy_cpus()
     if busy is None:
         return n, "all CPUs (CPU usage unknown)"
-    threads = max(1, min(n, int(n - busy + 0.25)))
-    return threads, f"{busy:.1f} of {n} CPUs busy with other processes"
+    return threads_left(n, busy), f"{busy:.1f} of {n} CPUs busy with other processes"
 
 
-def apply_threads(setting: int | str | None, log: Callable[[str], None]) -> None:
-    """``torch.set_num_threads`` for ``--threads`` (``"auto"``, a count, or ``None``: leave it)."""
-    if setting == "auto":
-        n_threads, why = auto_threads()
-        torch.set_num_threads(n_threads)
-        log(f"threads: {n_threads} (auto: {why})")
-    elif setting:
+class AutoThreads:
+    """``--threads auto``: the CPUs other processes leave free, decided again before every epoch.
+
+    The first decision samples the machine for half a second at start-up; each
+    :meth:`update` looks at the time since the one before: the CPU time spent on the
+    whole machine (``/proc/stat``) minus this process's own. So a moment of load at
+    start-up costs one epoch on fewer threads, not the whole run, and a run slows down
+    less when another process starts. Not used with ``OMP_NUM_THREADS`` set, and
+    without adapting when DataLoader workers (other processes) share the work.
+
+    Args:
+        log: Where to say what was decided.
+        adapt: Whether :meth:`update` may change the count.
+        clock: Wall clock (seconds).
+        cpu_clock: This process's CPU time (seconds, all threads).
+        stat: :func:`cpu_jiffies`.
+    """
+
+    def __init__(
+        self,
+        log: Callable[[str], None],
+        *,
+        adapt: bool = True,
+        clock: Callable[[], float] = time.perf_counter,
+        cpu_clock: Callable[[], float] = time.process_time,
+        stat: Callable[[], tuple[int, int] | None] = cpu_jiffies,
+    ) -> None:
+        self.log, self.clock, self.cpu_clock, self.stat = log, clock, cpu_clock, stat
+        self.cpus = os.cpu_count() or 1
+        self.adapt = adapt and "OMP_NUM_THREADS" not in os.environ
+        threads, why = auto_threads()
+        torch.set_num_threads(threads)
+        log(f"threads: {threads} (auto: {why})")
+        self._mark = (self.clock(), self.cpu_clock(), self.stat())
+
+    def update(self) -> None:
+        """Set the thread count from what other processes used since the last call."""
+        wall0, own0, stat0 = self._mark
+        self._mark = (self.clock(), self.cpu_clock(), self.stat())
+        wall = self._mark[0] - wall0
+        busy = busy_share(stat0, self._mark[2], self.cpus)
+        if not self.adapt or busy is None or wall < 1.0:
+            return
+        elsewhere = max(0.0, busy - (self._mark[1] - own0) / wall)
+        threads = threads_left(self.cpus, elsewhere)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            self.log(
+                f"threads: {threads} (auto: {elsewhere:.1f} of {self.cpus} CPUs busy with other processes)"
+            )
+
+
+def apply_threads(setting: int | str | None) -> None:
+    """``torch.set_num_threads`` for a fixed ``--threads`` (a count; ``None`` leaves torch's)."""
+    if setting and setting != "auto":
         torch.set_num_threads(int(setting))
 
 

@@ -39,6 +39,7 @@ class Run:
     amp_dtype: torch.dtype | None = None
     use_scaler: bool = False
     per_rank: int = 1
+    auto_threads: runtime.AutoThreads | None = None
 
     @property
     def out_dir(self) -> Path:
@@ -76,7 +77,10 @@ def prepare_out_dir(current: Run, *, resuming: bool) -> None:
 def start_process(current: Run) -> None:
     """Threads, device, process group, determinism, seeds and autocast of this process."""
     cfg, ranks = current.cfg, current.ranks
-    runtime.apply_threads(cfg["threads"], current.log)
+    if cfg["threads"] == "auto":
+        current.auto_threads = runtime.AutoThreads(current.log, adapt=cfg["num_workers"] == 0)
+    else:
+        runtime.apply_threads(cfg["threads"])
     current.device = runtime.pick_device(cfg["device"], ranks)
     ranks.init(current.device)
     runtime.apply_determinism(cfg["deterministic"])

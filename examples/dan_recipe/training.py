@@ -212,6 +212,8 @@ def train(current: Run) -> dict[str, Any]:
         current.out_dir.mkdir(parents=True, exist_ok=True)
     progress = bool(cfg["progress"]) and current.ranks.main and runtime.stderr_is_terminal()
     for epoch in range(training.start_epoch + 1, cfg["epochs"] + 1):
+        if current.auto_threads is not None:
+            current.auto_threads.update()
         run_epoch(current, training, epoch, progress=progress)
         stop = cfg["stop_after_epoch"]
         if stop is not None and stop <= epoch < cfg["epochs"]:
@@ -257,6 +259,7 @@ def run_epoch(current: Run, training: Training, epoch: int, *, progress: bool) -
         training.best_state = {k: v.detach().cpu().clone() for k, v in training.net.state_dict().items()}
     strip = reporting.without_confusion_matrix
     training.history.append({"epoch": epoch, "global_step": training.global_step, "lr": lr, "seconds": seconds,
+                             "threads": torch.get_num_threads(),
                              "train": strip(train_m), "val": strip(val_m) if val_m is not None else None,
                              "best": improved})  # fmt: skip
     current.log(reporting.epoch_line(epoch, cfg["epochs"], train_m, val_m, lr, seconds, improved))

@@ -14,6 +14,7 @@ import sys
 import threading
 
 import pytest
+import torch
 import train_dan
 from dan_recipe import runtime
 from tiny_runs import EXAMPLES, ROOT, SYNTH
@@ -90,3 +91,38 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
     assert runtime.cpu_has_native_bf16(bf16) is True
     assert runtime.cpu_has_native_bf16(arm) is True
     assert runtime.cpu_has_native_bf16(tmp_path / "missing") is None
+
+
+def test_auto_threads_follow_what_other_processes_use(monkeypatch):
+    """``--threads auto`` is decided again every epoch, from the CPU time others used meanwhile."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(runtime, "busy_cpus", lambda interval=0.5: 1.2)  # busy at start-up
+    now = {"wall": 0.0, "own": 0.0, "idle": 0, "total": 0}
+    said: list[str] = []
+
+    def advance(seconds: float, own_cpus: float, other_cpus: float) -> None:  # 100 ticks/s per CPU
+        now["wall"] += seconds
+        now["own"] += seconds * own_cpus
+        now["idle"] += round(100 * seconds * (2 - own_cpus - other_cpus))
+        now["total"] += round(100 * seconds * 2)
+
+    with runtime.ProcessSettings():
+        threads = runtime.AutoThreads(
+            said.append, clock=lambda: now["wall"], cpu_clock=lambda: now["own"],
+            stat=lambda: (now["idle"], now["total"]),
+        )  # fmt: skip
+        assert torch.get_num_threads() == 1 and "1.2 of 2 CPUs busy" in said[0]
+        advance(30.0, own_cpus=1.0, other_cpus=0.0)  # the other process is gone
+        threads.update()
+        assert torch.get_num_threads() == 2 and "0.0 of 2" in said[-1]
+        advance(30.0, own_cpus=1.0, other_cpus=1.0)  # it is back
+        threads.update()
+        assert torch.get_num_threads() == 1
+        clocks = {"clock": lambda: now["wall"], "cpu_clock": lambda: now["own"]}
+        frozen = runtime.AutoThreads(
+            said.append, adapt=False, stat=lambda: (now["idle"], now["total"]), **clocks
+        )
+        advance(30.0, own_cpus=1.0, other_cpus=0.0)
+        frozen.update()  # DataLoader workers: their time would count as another process's
+        assert torch.get_num_threads() == 1
