@@ -113,3 +113,16 @@ def test_empty_validation_split_reports_the_last_epoch_and_says_why(tmp_path, ca
     assert "validation: the validation split is empty" in log
     assert all(e["val"] is None for e in m["epochs"])
     assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 2
+
+
+def test_a_checkpoint_from_before_the_package_still_resumes(tmp_path):
+    out = tmp_path / "run"
+    args = ["--scheduler", "step", "--optimizer", "sgd", "--lr", "0.01"]
+    run(out, *args)
+    old = torch.load(out / "last.pt", weights_only=True)
+    del old["preprocessing"]  # what train_dan.py wrote before: no preprocessing record,
+    for group in old["optimizer"]["param_groups"]:
+        group["fused"] = None  # and an optimizer without the fused kernel
+    torch.save(old, out / "last.pt")
+    resumed = run(out, *args, "--epochs", "2", "--resume")
+    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2] and resumed["complete"] is True
