@@ -26,6 +26,7 @@ __all__ = [
     "MODEL_KEYS",
     "PRESETS",
     "PRESET_FOR_DATA",
+    "RESUME_KEEPS_UNLESS_FLAGGED",
     "RUNTIME_OPTIONS",
     "TABLE_KEYS",
     "as_plain_values",
@@ -156,7 +157,7 @@ MODEL_KEYS = ("num_heads", "affinity", "partition", "num_centers", "lambda_af", 
 #: ... and these unless given as flags (which test set, read how).
 DATA_KEYS = ("data", "data_root", "image_size", "num_classes", "synthetic_test", "seed")
 
-#: Options a resumed run may change (they do not alter the computation).
+#: Options a resumed run may change (they do not alter the computation, or extend it).
 RUNTIME_OPTIONS = {
     "out",
     "resume",
@@ -173,6 +174,8 @@ RUNTIME_OPTIONS = {
     "checkpoint",
     "overwrite",
 }
+#: ... of which these, unless given as flags, keep the checkpoint's value.
+RESUME_KEEPS_UNLESS_FLAGGED = ("epochs", "data_root")
 
 
 def _presets_help() -> str:

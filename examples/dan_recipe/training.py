@@ -86,10 +86,13 @@ def read_resume_point(current: Run) -> tuple[dict[str, Any], Path] | None:
             "(use --backbone-weights or --eval-only --checkpoint for other files)"
         )
     for k, v in dict(ckpt["args"]).items():
-        if k in config.RUNTIME_OPTIONS or k not in cfg:
+        if k not in cfg or (k in config.RUNTIME_OPTIONS and k not in config.RESUME_KEEPS_UNLESS_FLAGGED):
             continue
-        if sources.get(k) == "flag" and cfg[k] != v:
-            current.log(f"warning: --{k.replace('_', '-')} {cfg[k]} ignored: resuming keeps {v}")
+        if sources.get(k) == "flag":
+            if k in config.RUNTIME_OPTIONS:
+                continue
+            if cfg[k] != v:
+                current.log(f"warning: --{k.replace('_', '-')} {cfg[k]} ignored: resuming keeps {v}")
         cfg[k], sources[k] = v, "checkpoint"
     check_epochs_on_resume(cfg, int(ckpt["args"]["epochs"]), int(ckpt["epoch"]), str(path))
     return ckpt, path

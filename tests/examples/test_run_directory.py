@@ -126,3 +126,15 @@ def test_a_checkpoint_from_before_the_package_still_resumes(tmp_path):
     torch.save(old, out / "last.pt")
     resumed = run(out, *args, "--epochs", "2", "--resume")
     assert [e["epoch"] for e in resumed["epochs"]] == [1, 2] and resumed["complete"] is True
+
+
+def test_resume_alone_continues_the_run_as_it_was_started(tmp_path):
+    out = tmp_path / "run"
+    at = TINY.index("--epochs")
+    quick = TINY[:at] + TINY[at + 2 :]  # without --epochs, a resumed demo-preset run would say 4
+    first = train_dan.main([*quick, *SYNTH, "--epochs", "2", "--stop-after-epoch", "1", "--out", str(out)])
+    assert first["complete"] is False
+    done = train_dan.main([*quick, "--resume", "--out", str(out)])  # no --epochs, no data flags
+    assert done["complete"] is True and [e["epoch"] for e in done["epochs"]] == [1, 2]
+    assert done["config"]["epochs"] == 2 and done["config_sources"]["epochs"] == "checkpoint"
+    assert done["config"]["synthetic_train"] == 28
