@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make test   - create .venv, install, run the whole test suite"
-	@echo "make demo   - train + evaluate DAN on the built-in synthetic faces (runs/demo/)"
+	@echo "make demo   - train + evaluate DAN on the built-in synthetic faces (replaces runs/demo/)"
 	@echo "make docs   - build the documentation site with mkdocs --strict (site/)"
 	@echo "make bench  - run the CPU benchmarks (benchmarks/results/)"
 	@echo "make wheel  - build the wheel into dist/"
@@ -36,7 +36,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest tests dan_layers -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) examples/train_dan.py --preset demo --out runs/demo
+	$(PY) examples/train_dan.py --preset demo --out runs/demo --overwrite
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --clean

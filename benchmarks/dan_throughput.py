@@ -1,9 +1,9 @@
-"""Q4: the whole DAN (examples/dan.py): training and inference images/s, achieved FLOP/s.
+"""Q4: the whole DAN (examples/dan_recipe/model.py): training and inference images/s, achieved FLOP/s.
 
 For each input size (112 and 224 px, batch 16), timed interleaved in one process:
 
 * train: one optimisation step (forward, cross-entropy + affinity + partition loss,
-  backward, SGD with momentum) of ``examples/dan.py``'s DAN eager, the same under
+  backward, SGD with momentum) of ``examples/dan_recipe/model.py``'s DAN eager, the same under
   ``torch.compile`` (inductor; at ``--compile-sizes``, default 224 px), and the
   authors' structure (``RefDAN``: per-head loop,
   distance-matrix affinity loss) eager;
@@ -16,7 +16,7 @@ rounds; its FLOP/s is the machine's practical limit. A ResNet-like 3x3 convoluti
 (16 x 256 x 28 x 28) runs too: on this CPU oneDNN's convolution kernels beat MKL's
 matrix product, so ``fraction_of_best`` is relative to the faster of the two. Achieved FLOP/s =
 2 x MACs x images/s for inference and 3 x that for training (backward ~ 2 x forward),
-MACs from the hook-based counter ``dan.count_macs`` (convolutions and linear layers).
+MACs from the hook-based counter ``dan_recipe.model.count_macs`` (convolutions and linear layers).
 
     python benchmarks/dan_throughput.py
     python benchmarks/dan_throughput.py --device cuda --dtype bfloat16
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
                     macs_of["ours_reparam_compiled"] = macs_rep
                 if not args.no_ref:
                     ref = RefDAN(num_classes, 4).to(device)
-                    ref.load_state_dict(_ref_state_from(base, dan), strict=True)
+                    ref.load_state_dict(_ref_state_from(base), strict=True)
                     ref.eval()
                     fns["ref_eager"] = make_infer(ref, x, device, dtype)
                     macs_of["ref_eager"] = macs
@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "compile_s": "wall time of the first two calls (train) / first call (infer), "
                                 "i.e. compilation; much shorter when the inductor cache is warm",
                    "repeats_max": repeats,
-                   "flops": "inference 2*MACs*images/s; training 3*2*MACs*images/s; MACs by dan.count_macs",
+                   "flops": "inference 2*MACs*images/s; training 3*2*MACs*images/s; "
+                            "MACs by dan_recipe.model.count_macs",
                    "timing": "interleaved rounds (incl. the matmul), median"},
         "rows": rows,
     }
@@ -265,9 +266,11 @@ def _inductor_cache_warm() -> bool | None:
     return os.path.isdir(path) and any(os.scandir(path))
 
 
-def _ref_state_from(model: nn.Module, dan) -> dict:
+def _ref_state_from(model: nn.Module) -> dict:
     """``RefDAN`` state dict holding ``model``'s weights (via the authors' key layout)."""
-    official = dan.to_official_state_dict(model)
+    from dan_recipe.weights import to_official_state_dict  # noqa: PLC0415 - examples/ is on sys.path
+
+    official = to_official_state_dict(model)
     out = {}
     for k, v in official.items():
         if k.startswith("features."):
