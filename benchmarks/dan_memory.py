@@ -8,7 +8,7 @@ Two levels:
   what it runs on CUDA), measured in this process with the
   profiler's allocator peak (``_common.profiled_peak_bytes``);
 * ``dan`` rows: one full training step (forward, the three losses, backward, SGD with
-  momentum) of ``examples/dan.py``'s DAN vs ``RefDAN`` (same trunk, per-head loop,
+  momentum) of ``examples/dan_recipe/model.py``'s DAN vs ``RefDAN`` (same trunk, per-head loop,
   distance-matrix affinity loss), each in a fresh subprocess: the growth of peak RSS
   (``/proc/self/status`` VmHWM, reset just before) over the first step, which includes gradients, momentum
   buffers, activations and oneDNN scratch, and the allocator peak of a second step

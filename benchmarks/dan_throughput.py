@@ -1,9 +1,9 @@
-"""Q4: the whole DAN (examples/dan.py): training and inference images/s, achieved FLOP/s.
+"""Q4: the whole DAN (examples/dan_recipe/model.py): training and inference images/s, achieved FLOP/s.
 
 For each input size (112 and 224 px, batch 16), timed interleaved in one process:
 
 * train: one optimisation step (forward, cross-entropy + affinity + partition loss,
-  backward, SGD with momentum) of ``examples/dan.py``'s DAN eager, the same under
+  backward, SGD with momentum) of ``examples/dan_recipe/model.py``'s DAN eager, the same under
   ``torch.compile`` (inductor; at ``--compile-sizes``, default 224 px), and the
   authors' structure (``RefDAN``: per-head loop,
   distance-matrix affinity loss) eager;

@@ -12,7 +12,7 @@ what the benchmarks measure against:
 * ``ref_affinity_loss`` builds the full B x N distance matrix by the expansion
   |x|^2 + |c|^2 - 2 x.c, masks it with a one-hot label mask, divides by the
   centres' summed variance and clamps every entry to [1e-12, 1e12];
-* ``RefDAN`` = the same ResNet-18 trunk as ``examples/dan.py`` + ``RefMultiHead`` +
+* ``RefDAN`` = the same ResNet-18 trunk as ``examples/dan_recipe/model.py`` + ``RefMultiHead`` +
   Linear + BatchNorm1d.
 
 Nothing here is imported by the library; it exists to be compared against.
@@ -170,18 +170,18 @@ def ref_partition_loss(heads: torch.Tensor) -> torch.Tensor:
 
 
 def load_examples_dan():
-    """Import ``examples/dan.py`` (the reference DAN built from dan-layers blocks)."""
+    """Import ``dan_recipe.model`` from ``examples/`` (the reference DAN built from dan-layers blocks)."""
     if str(EXAMPLES) not in sys.path:
         sys.path.insert(0, str(EXAMPLES))
-    import dan  # noqa: PLC0415
+    from dan_recipe import model  # noqa: PLC0415
 
-    return dan
+    return model
 
 
 class RefDAN(nn.Module):
     """The authors' DAN structure: ResNet-18 trunk, K looped heads, Linear + BatchNorm1d.
 
-    The trunk is ``examples/dan.py``'s ``ResNet18Features`` (torchvision-equivalent), so
+    The trunk is ``examples/dan_recipe/model.py``'s ``ResNet18Features`` (torchvision-equivalent), so
     that ours-vs-theirs differs only in the attention heads.
     """
 

@@ -1,4 +1,4 @@
-"""Fixtures for the examples' tests: ``examples/`` on ``sys.path`` and tiny dataset trees.
+"""Fixtures for the examples' tests: ``examples/`` on ``sys.path`` (for ``dan_recipe``) and tiny dataset trees.
 
 The tree builders are fixtures that return the builder function, so a test calls
 them like plain functions::
@@ -14,7 +14,7 @@ Builders (stable signatures, other test files rely on them):
 * ``make_imagefolder_tree(base, n_per_class=2, *, classes=("Angry", "Happy", "Neutral"),
   splits=("train", "test"), corrupt=0, size=32) -> root``
 
-Each writes small JPEG faces rendered by ``synthetic_faces`` (class ``k`` draws
+Each writes small JPEG faces rendered by ``dan_recipe.synthetic_faces`` (class ``k`` draws
 synthetic class ``k % 7``, so a model can learn something from them) under a new
 folder of ``base`` and returns that folder. ``corrupt=c`` overwrites the first
 ``c`` training images with bytes that are not an image.
@@ -37,7 +37,7 @@ CORRUPT_BYTES = b"this is not a JPEG file\x00\xff\xd8 truncated"
 
 def _write_face(path: Path, label: int, seed: int, size: int) -> None:
     import numpy as np
-    import synthetic_faces
+    from dan_recipe import synthetic_faces
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""examples/synthetic_faces.py, examples/transforms.py and examples/data.py.
+"""dan_recipe's synthetic_faces, transforms, data (readers), samplers and reporting (metrics).
 
 Everything is tiny (16..48 px images, a few dozen files); the whole file runs in
 seconds on two cores.
@@ -11,12 +11,12 @@ import math
 import warnings
 from pathlib import Path
 
-import data
 import numpy as np
 import pytest
-import synthetic_faces as sf
 import torch
-import transforms as T
+from dan_recipe import data, reporting, samplers
+from dan_recipe import synthetic_faces as sf
+from dan_recipe import transforms as T
 from torch.utils.data import DataLoader
 
 SEEDS = (0, 1, 2, 3, 11)
@@ -458,7 +458,7 @@ class TestClassBalancedSampler:
     LABELS = [0] * 900 + [1] * 90 + [2] * 9 + [5] * 1
 
     def test_balance(self):
-        s = data.ClassBalancedSampler(self.LABELS, num_samples=40_000, seed=0)
+        s = samplers.ClassBalancedSampler(self.LABELS, num_samples=40_000, seed=0)
         drawn = torch.tensor(self.LABELS)[torch.tensor(list(s))]
         counts = torch.bincount(drawn, minlength=6)[[0, 1, 2, 5]].double()
         # expected 10_000 each; binomial sd ~87, so 5 % is > 5 sd
@@ -466,19 +466,21 @@ class TestClassBalancedSampler:
         assert len(s) == 40_000
 
     def test_epochs_are_deterministic(self):
-        s = data.ClassBalancedSampler(torch.tensor(self.LABELS), seed=3)
+        s = samplers.ClassBalancedSampler(torch.tensor(self.LABELS), seed=3)
         e0 = list(s)
         assert list(s) == e0 and len(e0) == len(self.LABELS)
         s.set_epoch(1)
         e1 = list(s)
         assert e1 != e0
-        t = data.ClassBalancedSampler(self.LABELS, seed=3)
+        t = samplers.ClassBalancedSampler(self.LABELS, seed=3)
         t.set_epoch(1)
         assert list(t) == e1
-        assert list(data.ClassBalancedSampler(self.LABELS, seed=4)) != e0
+        assert list(samplers.ClassBalancedSampler(self.LABELS, seed=4)) != e0
 
     def test_shards_cover_the_global_draw(self):
-        shards = [data.ClassBalancedSampler(self.LABELS, 1001, seed=1, rank=r, world_size=3) for r in range(3)]
+        shards = [
+            samplers.ClassBalancedSampler(self.LABELS, 1001, seed=1, rank=r, world_size=3) for r in range(3)
+        ]
         for s in shards:
             s.set_epoch(2)
         lists = [list(s) for s in shards]
@@ -490,11 +492,11 @@ class TestClassBalancedSampler:
 
     def test_errors(self):
         with pytest.raises(ValueError, match="non-empty"):
-            data.ClassBalancedSampler([])
+            samplers.ClassBalancedSampler([])
         with pytest.raises(ValueError, match="rank"):
-            data.ClassBalancedSampler([0, 1], rank=2, world_size=2)
+            samplers.ClassBalancedSampler([0, 1], rank=2, world_size=2)
         with pytest.raises(ValueError, match="num_samples"):
-            data.ClassBalancedSampler([0, 1], num_samples=0)
+            samplers.ClassBalancedSampler([0, 1], num_samples=0)
 
 
 # --------------------------------------------------------------------------------------
@@ -504,48 +506,48 @@ class TestClassBalancedSampler:
 
 class TestMetrics:
     def test_confusion_matrix(self):
-        cm = data.confusion_matrix(torch.tensor([0, 1, 2, 2, 1]), torch.tensor([0, 1, 1, 2, 2]), 3)
+        cm = reporting.confusion_matrix(torch.tensor([0, 1, 2, 2, 1]), torch.tensor([0, 1, 1, 2, 2]), 3)
         assert cm.dtype == torch.int64
         assert cm.tolist() == [[1, 0, 0], [0, 1, 1], [0, 1, 1]]
         logits = torch.tensor([[2.0, 0.1], [0.0, 1.0]])
-        assert data.confusion_matrix(logits, [1, 1], 2).tolist() == [[0, 0], [1, 1]]
-        assert data.confusion_matrix([], [], 4).sum() == 0
+        assert reporting.confusion_matrix(logits, [1, 1], 2).tolist() == [[0, 0], [1, 1]]
+        assert reporting.confusion_matrix([], [], 4).sum() == 0
         with pytest.raises(ValueError, match=r"targets in \[0, 3\)"):
-            data.confusion_matrix([0], [3], 3)
+            reporting.confusion_matrix([0], [3], 3)
         with pytest.raises(ValueError, match="as many"):
-            data.confusion_matrix([0, 1], [0], 3)
+            reporting.confusion_matrix([0, 1], [0], 3)
 
     def test_imbalanced_accuracy_vs_balanced(self):
         # 90 of class 0 all right, 10 of class 1 all predicted as 0
         cm = torch.tensor([[90, 0], [10, 0]])
-        assert data.accuracy_from_confusion(cm) == pytest.approx(0.9)
-        assert data.balanced_accuracy_from_confusion(cm) == pytest.approx(0.5)
+        assert reporting.accuracy_from_confusion(cm) == pytest.approx(0.9)
+        assert reporting.balanced_accuracy_from_confusion(cm) == pytest.approx(0.5)
 
     def test_known_three_class(self):
         cm = torch.tensor([[8, 1, 1], [2, 6, 2], [0, 0, 5]])
-        assert data.accuracy_from_confusion(cm) == pytest.approx(19 / 25)
-        assert data.balanced_accuracy_from_confusion(cm) == pytest.approx((0.8 + 0.6 + 1.0) / 3)
+        assert reporting.accuracy_from_confusion(cm) == pytest.approx(19 / 25)
+        assert reporting.balanced_accuracy_from_confusion(cm) == pytest.approx((0.8 + 0.6 + 1.0) / 3)
         torch.testing.assert_close(
-            data.per_class_recall(cm), torch.tensor([0.8, 0.6, 1.0], dtype=torch.float64)
+            reporting.per_class_recall(cm), torch.tensor([0.8, 0.6, 1.0], dtype=torch.float64)
         )
 
     def test_classes_without_samples_are_excluded(self):
         cm = torch.tensor([[3, 1, 0], [0, 0, 0], [0, 2, 2]])  # class 1 has no samples but gets predictions
-        assert data.balanced_accuracy_from_confusion(cm) == pytest.approx((0.75 + 0.5) / 2)
-        assert math.isnan(data.per_class_recall(cm)[1])
-        assert math.isnan(data.balanced_accuracy_from_confusion(torch.zeros(3, 3, dtype=torch.long)))
-        assert math.isnan(data.accuracy_from_confusion(torch.zeros(3, 3, dtype=torch.long)))
+        assert reporting.balanced_accuracy_from_confusion(cm) == pytest.approx((0.75 + 0.5) / 2)
+        assert math.isnan(reporting.per_class_recall(cm)[1])
+        assert math.isnan(reporting.balanced_accuracy_from_confusion(torch.zeros(3, 3, dtype=torch.long)))
+        assert math.isnan(reporting.accuracy_from_confusion(torch.zeros(3, 3, dtype=torch.long)))
         with pytest.raises(ValueError, match="square"):
-            data.accuracy_from_confusion(torch.zeros(2, 3))
+            reporting.accuracy_from_confusion(torch.zeros(2, 3))
 
     def test_matches_model_predictions_roundtrip(self):
         g = gen(0)
         t = torch.randint(0, 5, (200,), generator=g)
         p = torch.where(torch.rand(200, generator=g) < 0.7, t, torch.randint(0, 5, (200,), generator=g))
-        cm = data.confusion_matrix(p, t, 5)
-        assert data.accuracy_from_confusion(cm) == pytest.approx(float((p == t).double().mean()))
+        cm = reporting.confusion_matrix(p, t, 5)
+        assert reporting.accuracy_from_confusion(cm) == pytest.approx(float((p == t).double().mean()))
         recalls = [float((p[t == k] == k).double().mean()) for k in range(5)]
-        assert data.balanced_accuracy_from_confusion(cm) == pytest.approx(sum(recalls) / 5)
+        assert reporting.balanced_accuracy_from_confusion(cm) == pytest.approx(sum(recalls) / 5)
 
 
 def test_modules_do_not_import_torchvision():
@@ -557,3 +559,6 @@ def test_modules_do_not_import_torchvision():
     for mod in (data, T, sf):
         src = Path(mod.__file__).read_text()
         assert "import torchvision" not in src and "from torchvision" not in src
+    for path in sorted(Path(data.__file__).parent.glob("*.py")):  # every module of the recipe
+        src = path.read_text()
+        assert "import torchvision" not in src and "from torchvision" not in src, path.name

@@ -1,6 +1,6 @@
-"""examples/train_dan.py: smoke runs on every data kind, checkpoints, exact resume, DDP.
+"""examples/train_dan.py over dan_recipe: smoke runs on every data kind, checkpoints, exact resume, DDP.
 
-The script's ``main(argv) -> dict`` is called in-process (fast); only the torchrun
+The command's ``main(argv) -> dict`` is called in-process (fast); only the torchrun
 test starts processes. Everything is tiny: 32 px images, a few dozen samples.
 """
 
@@ -20,8 +20,9 @@ EXAMPLES = ROOT / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
-import dan  # noqa: E402
 import train_dan  # noqa: E402
+from dan_recipe import checkpoints, config, distributed, engine, errors, optim, weights  # noqa: E402
+from dan_recipe import model as recipe_model  # noqa: E402
 
 # a run as small as a run can be: 32 px, 3 steps of 8, 1 epoch, no figures
 TINY = [
@@ -63,27 +64,27 @@ def _check_metrics(m: dict, num_classes: int) -> None:
 
 
 def test_presets_and_overrides():
-    cfg, src = train_dan.resolve_config(["--preset", "rafdb", "--data-root", "x", "--lr", "0.01"])
+    cfg, src = config.resolve_config(["--preset", "rafdb", "--data-root", "x", "--lr", "0.01"])
     assert cfg["optimizer"] == "sgd" and cfg["momentum"] == 0.9 and cfg["weight_decay"] == 1e-4
     assert (cfg["scheduler"], cfg["step_size"], cfg["gamma"]) == ("step", 10, 0.1)
     assert (cfg["epochs"], cfg["batch_size"], cfg["image_size"]) == (40, 256, 224)
     assert cfg["num_centers"] == 8 and cfg["data"] == "rafdb"
     assert cfg["lr"] == 0.01 and src["lr"] == "flag" and src["momentum"] == "preset:rafdb"
-    cfg, _ = train_dan.resolve_config(["--data", "affectnet", "--data-root", "x"])
+    cfg, _ = config.resolve_config(["--data", "affectnet", "--data-root", "x"])
     assert cfg["preset"] == "affectnet" and cfg["optimizer"] == "adam" and cfg["lr"] == 1e-4
     assert (cfg["scheduler"], cfg["gamma"], cfg["balanced_sampler"]) == ("exponential", 0.6, True)
-    cfg, _ = train_dan.resolve_config([])
+    cfg, _ = config.resolve_config([])
     assert cfg["data"] == "synthetic" and cfg["preset"] == "demo"
     with pytest.raises(SystemExit):
-        train_dan.resolve_config(["--data", "rafdb"])  # needs --data-root
+        config.resolve_config(["--data", "rafdb"])  # needs --data-root
     with pytest.raises(SystemExit):
-        train_dan.resolve_config(["--eval-only"])  # needs --checkpoint
+        config.resolve_config(["--eval-only"])  # needs --checkpoint
 
 
 def test_centres_are_optimised_and_inside_the_wrapped_module():
-    cfg, _ = train_dan.resolve_config(["--num-heads", "2", "--center-weight-decay", "0.0"])
-    net = train_dan.build_model(cfg, 7)
-    opt = train_dan.build_optimizer(cfg, net)
+    cfg, _ = config.resolve_config(["--num-heads", "2", "--center-weight-decay", "0.0"])
+    net = recipe_model.build_model_with_losses(cfg, 7)
+    opt = optim.build_optimizer(cfg, net)
     centres = net.affinity.centers
     assert any(p is centres for p in net.parameters())  # DDP wraps `net`: centres synced
     groups = [g for g in opt.param_groups if any(p is centres for p in g["params"])]
@@ -94,20 +95,20 @@ def test_centres_are_optimised_and_inside_the_wrapped_module():
 
 def test_atomic_write_survives_interrupt(tmp_path):
     path = tmp_path / "last.pt"
-    train_dan.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    checkpoints.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
 
     def boom(f):
         f.write(b"partial")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_dan.atomic_write(path, boom)
+        checkpoints.atomic_write(path, boom)
     assert torch.load(path, weights_only=True)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left
     best = tmp_path / "best.pt"
-    train_dan.save_checkpoint({"epoch": 2}, path, also=[best])
+    checkpoints.save_checkpoint({"epoch": 2}, path, also=[best])
     assert torch.load(best, weights_only=True)["epoch"] == 2 and best.samefile(path)
-    train_dan.save_checkpoint({"epoch": 3}, path)  # best.pt keeps epoch 2
+    checkpoints.save_checkpoint({"epoch": 3}, path)  # best.pt keeps epoch 2
     assert torch.load(best, weights_only=True)["epoch"] == 2
     assert torch.load(path, weights_only=True)["epoch"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
@@ -160,7 +161,7 @@ def test_eval_only_reproduces_the_last_epoch(tmp_path):
 
 def test_eval_only_authors_checkpoint(tmp_path):
     torch.manual_seed(0)
-    state = dan.to_official_state_dict(dan.DAN(num_classes=7, num_heads=2))  # their key names
+    state = weights.to_official_state_dict(recipe_model.DAN(num_classes=7, num_heads=2))  # their key names
     path = tmp_path / "rafdb_epoch1_acc0.9.pth"
     torch.save({"iter": 1, "model_state_dict": state}, path)
     m = train_dan.main([*TINY, *SYNTH, "--eval-only", "--checkpoint", str(path),
@@ -171,9 +172,9 @@ def test_eval_only_authors_checkpoint(tmp_path):
         assert (tmp_path / "eval" / name).exists()
     del state["cat_head1.ca.attention.3.bias"]
     torch.save({"model_state_dict": state}, path)
-    with pytest.raises(dan.CheckpointError, match=r"cat_head1\.ca\.attention\.3\.bias"):
+    with pytest.raises(errors.CheckpointError, match=r"cat_head1\.ca\.attention\.3\.bias"):
         train_dan.main([*TINY, *SYNTH, "--eval-only", "--checkpoint", str(path),
-                        "--out", str(tmp_path / "eval")])  # fmt: skip
+                        "--out", str(tmp_path / "eval"), "--overwrite"])  # fmt: skip
 
 
 def test_resume_rejects_a_wrong_checkpoint(tmp_path):
@@ -183,7 +184,7 @@ def test_resume_rejects_a_wrong_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="not a train_dan.py checkpoint"):
         run(out, *SYNTH, "--resume")
     (out / "last.pt").write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(dan.CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(errors.CheckpointError, match="cannot read checkpoint"):
         run(out, *SYNTH, "--resume")
 
 
@@ -193,7 +194,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch)
     full = run(tmp_path / "full", *args)
 
     # the same run, interrupted (Ctrl-C) in the middle of epoch 3 ...
-    real_update = train_dan._update
+    real_update = engine.RunningMetrics.update
     calls = {"n": 0}
 
     def interrupting_update(*a, **k):
@@ -203,10 +204,10 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch)
                 raise KeyboardInterrupt
         return real_update(*a, **k)
 
-    monkeypatch.setattr(train_dan, "_update", interrupting_update)
+    monkeypatch.setattr(engine.RunningMetrics, "update", interrupting_update)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut", *args)
-    monkeypatch.setattr(train_dan, "_update", real_update)
+    monkeypatch.setattr(engine.RunningMetrics, "update", real_update)
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 2
 
     # ... then resumed: bit-identical weights, centres, optimizer state and metrics
@@ -236,7 +237,7 @@ def test_stop_after_epoch_then_resume(tmp_path):
 
 
 def test_backbone_weights_flag_and_loss_switches(tmp_path):
-    trunk = dan.ResNet18Features()
+    trunk = recipe_model.ResNet18Features()
     state = dict(trunk.state_dict())
     state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
     path = tmp_path / "resnet18_msceleb.pth"
@@ -249,7 +250,7 @@ def test_backbone_weights_flag_and_loss_switches(tmp_path):
     assert any("amp torch.bfloat16" in t for t in m["tricks"])
     del state["layer1.0.conv1.weight"]
     torch.save({"state_dict": state}, path)
-    with pytest.raises(dan.CheckpointError, match=r"layer1\.0\.conv1\.weight"):
+    with pytest.raises(errors.CheckpointError, match=r"layer1\.0\.conv1\.weight"):
         run(tmp_path / "run2", *SYNTH, "--backbone-weights", str(path))
 
 
@@ -309,5 +310,5 @@ def test_torchrun_two_processes_keep_centres_identical(tmp_path):
     assert m["ddp"]["model_sha256"][0] == m["ddp"]["model_sha256"][1]
     assert m["final"]["samples"] == 14  # every test face counted once over both ranks
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert train_dan.tensor_sha256(ckpt["loss_centers"]) == hashes[0]
+    assert distributed.tensor_sha256(ckpt["loss_centers"]) == hashes[0]
     assert len(ckpt["rng"]) == 2

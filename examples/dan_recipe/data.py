@@ -1,4 +1,4 @@
-"""Datasets, a class-balanced sampler and confusion-matrix metrics for the DAN examples.
+"""Dataset readers for the DAN recipe: RAF-DB, AffectNet, class folders, synthetic faces.
 
 Readers (every one is a ``torch.utils.data.Dataset`` of ``(image, label)``, with
 ``.targets`` (list of int labels) and ``.classes`` (list of names)):
@@ -11,7 +11,16 @@ Readers (every one is a ``torch.utils.data.Dataset`` of ``(image, label)``, with
 * :class:`AffectNet` -- class folders ``root/<split>/<0..7>/*`` (split ``train``,
   ``val`` or ``test``), 8 classes or 7 without Contempt.
 * :class:`ImageFolder` -- any ``root/<class name>/*`` tree (e.g. SFEW 2.0).
-* :class:`synthetic_faces.SyntheticFaces` -- procedurally rendered faces, no files.
+* :class:`dan_recipe.synthetic_faces.SyntheticFaces` -- procedurally rendered faces,
+  no files.
+
+Class mapping: labels are indices into a list of class names. RAF-DB, AffectNet
+and the synthetic faces have fixed lists. An :class:`ImageFolder` sorts its folder
+names, unless it is given the list (``classes=``): then every folder is mapped by
+its name, a folder that is not in the list is an error
+(:class:`UnknownClassesError`), and a class without a folder just has no samples.
+A test split is read with the training split's list (:func:`build_dataset`'s
+``classes``), so that label ``k`` means the same class in every split.
 
 Errors: a missing file or directory, or a layout that is not the expected one,
 raises at construction (``FileNotFoundError`` / ``ValueError``) with a message
@@ -23,43 +32,40 @@ batch (and returns ``None`` for a batch with nothing left). Pass
 
 Images are decoded with Pillow to RGB and converted to float tensors
 ``(3, H, W)`` in ``[0, 1]`` before ``transform`` is applied (so transforms work on
-tensors; see ``transforms.build_transforms``).
+tensors; see :func:`dan_recipe.transforms.build_transforms`).
 
-Metrics: :func:`confusion_matrix`, :func:`accuracy_from_confusion`,
-:func:`balanced_accuracy_from_confusion` (mean per-class recall, computed from
-the confusion matrix, as the authors' corrected figures are).
+The class-balanced sampler is in :mod:`dan_recipe.samplers`, the metrics in
+:mod:`dan_recipe.reporting`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import synthetic_faces
 import torch
-import transforms as T
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler, default_collate
+from torch.utils.data import Dataset, Subset, default_collate
+
+from . import synthetic_faces
+from . import transforms as T
 
 __all__ = [
     "AFFECTNET_CLASSES",
     "IMAGE_EXTENSIONS",
     "RAFDB_CLASSES",
     "AffectNet",
-    "ClassBalancedSampler",
     "ImageFolder",
     "RafDB",
-    "accuracy_from_confusion",
-    "balanced_accuracy_from_confusion",
+    "UnknownClassesError",
     "build_dataset",
     "collate_skip_none",
-    "confusion_matrix",
-    "per_class_recall",
+    "dataset_labels",
+    "parse_rafdb_labels",
 ]
 
 #: RAF-DB class names; label ``i`` is line label ``i + 1`` of the annotation file.
@@ -364,17 +370,38 @@ class AffectNet(_FileDataset):
         self.root, self.split, self.num_classes = root, split, num_classes
 
 
+class UnknownClassesError(ValueError):
+    """Class folders that are not among the classes an :class:`ImageFolder` was given.
+
+    Attributes:
+        unknown: The folder names, sorted.
+    """
+
+    def __init__(self, message: str, unknown: Sequence[str]) -> None:
+        super().__init__(message)
+        self.unknown = list(unknown)
+
+
 class ImageFolder(_FileDataset):
-    """Any ``root/<class name>/<images>`` tree; classes are the sorted folder names.
+    """Any ``root/<class name>/<images>`` tree.
+
+    Without ``classes`` the classes are the sorted folder names. With ``classes``
+    (for example the training split's, to read a test split), label ``k`` is the
+    folder named ``classes[k]``: every folder must be one of them, while a class
+    without a folder is allowed and has no samples (:attr:`missing_classes`).
 
     Args:
         root: Folder whose sub-folders are the classes (hidden ones ignored).
         transform: Applied to the float ``(3, H, W)`` image.
         on_error: See :class:`RafDB`.
-        classes: Optional explicit class order (folder names); the default sorts them.
+        classes: The class names in label order; default: the sorted folder names.
+
+    Attributes:
+        missing_classes: Names of ``classes`` without a folder under ``root``.
 
     Raises:
-        FileNotFoundError: If ``root`` is missing or a listed class folder is.
+        FileNotFoundError: If ``root`` is missing.
+        UnknownClassesError: If ``classes`` is given and a folder is not among them.
         ValueError: If there is no class folder or no image at all.
     """
 
@@ -389,15 +416,18 @@ class ImageFolder(_FileDataset):
         expected = f"expected class folders {root}/<class name>/<images>"
         if not root.is_dir():
             raise FileNotFoundError(f"ImageFolder root: {expected}; {_describe_dir(root)}")
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
+            raise ValueError(f"ImageFolder: no class folder: {expected}; {_describe_dir(root)}")
         if classes is None:
-            classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-            if not classes:
-                raise ValueError(f"ImageFolder: no class folder: {expected}; {_describe_dir(root)}")
-        else:
-            absent = [c for c in classes if not (root / c).is_dir()]
-            if absent:
-                raise FileNotFoundError(f"ImageFolder: class folders {absent} missing; {_describe_dir(root)}")
-        samples = [(p, k) for k, c in enumerate(classes) for p in _list_images(root / c)]
+            classes = folders
+        unknown = sorted(set(folders) - set(classes))
+        if unknown:
+            raise UnknownClassesError(
+                f"ImageFolder {root}: expected class folders among {list(classes)}, got {unknown}", unknown
+            )
+        self.missing_classes = [c for c in classes if c not in folders]
+        samples = [(p, k) for k, c in enumerate(classes) if c in folders for p in _list_images(root / c)]
         if not samples:
             raise ValueError(
                 f"ImageFolder: no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders "
@@ -405,76 +435,6 @@ class ImageFolder(_FileDataset):
             )
         super().__init__(samples, classes, transform, on_error)
         self.root = root
-
-
-# --------------------------------------------------------------------------------------
-# Sampling
-# --------------------------------------------------------------------------------------
-
-
-class ClassBalancedSampler(Sampler[int]):
-    """Sample indices with replacement, each with weight ``1 / count(its class)``.
-
-    Every class is then drawn equally often in expectation, whatever its size
-    (AffectNet's recipe). Works from any list of labels (not only an image folder).
-    The draw of an epoch is a pure function of ``(seed, epoch)``; call
-    :meth:`set_epoch` at the start of every epoch. With ``world_size > 1`` every
-    rank takes the strided shard ``rank::world_size`` of the same global draw, so
-    the ranks together see exactly one global draw (the draw is padded, with its
-    own first indices, to a multiple of ``world_size``).
-
-    Args:
-        labels: Label of every dataset index (ints, any values).
-        num_samples: Size of the global draw per epoch; default ``len(labels)``.
-        seed: Base seed.
-        rank: This process's rank.
-        world_size: Number of processes.
-
-    Raises:
-        ValueError: On empty labels or bad sizes / ranks.
-    """
-
-    def __init__(
-        self,
-        labels: Sequence[int] | Tensor,
-        num_samples: int | None = None,
-        *,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        lab = torch.as_tensor(labels if not isinstance(labels, Tensor) else labels.cpu()).long().flatten()
-        if lab.numel() == 0:
-            raise ValueError("ClassBalancedSampler: expected a non-empty list of labels, got 0")
-        if num_samples is None:
-            num_samples = int(lab.numel())
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"ClassBalancedSampler num_samples: expected a positive int, got {num_samples!r}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"ClassBalancedSampler: expected 0 <= rank < world_size, got {rank}, {world_size}")
-        _, inverse, counts = torch.unique(lab, return_inverse=True, return_counts=True)
-        self.weights = (1.0 / counts.double())[inverse]
-        self.num_samples = num_samples
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the draw of ``epoch`` (deterministic given the seed)."""
-        self.epoch = int(epoch)
-
-    def global_indices(self) -> list[int]:
-        """The whole draw of the current epoch (before sharding, after padding)."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        idx = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g).tolist()
-        total = math.ceil(self.num_samples / self.world_size) * self.world_size
-        idx += idx[: total - len(idx)]
-        return idx
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.global_indices()[self.rank :: self.world_size])
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.world_size)
 
 
 # --------------------------------------------------------------------------------------
@@ -512,6 +472,7 @@ def build_dataset(
     seed: int = 0,
     hidden_regions: Sequence[str] = (),
     on_error: OnError = "skip",
+    classes: Sequence[str] | None = None,
 ) -> Dataset:
     """Build a dataset with the preset's transforms.
 
@@ -535,12 +496,16 @@ def build_dataset(
         seed: Synthetic only: base seed.
         hidden_regions: Synthetic only: regions not drawn.
         on_error: File datasets: ``"skip"`` or ``"raise"`` on unreadable images.
+        classes: ``imagefolder`` only: the class names in label order (e.g. the
+            training split's when reading the test split), which the folders are
+            mapped by (see :class:`ImageFolder`). The other kinds have fixed classes.
 
     Returns:
         The dataset; it has ``.targets`` and ``.classes``.
 
     Raises:
-        ValueError: On an unknown kind, missing root or inconsistent ``num_classes``.
+        ValueError: On an unknown kind, missing root or inconsistent ``num_classes``
+            (:class:`UnknownClassesError` for class folders not among ``classes``).
     """
     kinds = tuple(_DEFAULT_PRESET)
     if kind not in kinds:
@@ -572,89 +537,30 @@ def build_dataset(
         ds = AffectNet(root, sp, nc, transform, on_error)
     else:
         folder = root if split is None else _find_subfolder(root, split)
-        ds = ImageFolder(folder, transform, on_error)
+        ds = ImageFolder(folder, transform, on_error, classes=classes)
     if num_classes is not None and kind != "affectnet" and num_classes != len(ds.classes):
-        raise ValueError(f"{kind} at {root}: num_classes={num_classes}, but the dataset has {len(ds.classes)}")
+        raise ValueError(
+            f"{kind} at {root}: expected num_classes={len(ds.classes)} (the dataset's classes "
+            f"{ds.classes}), got num_classes={num_classes}"
+        )
     return ds
 
 
-# --------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------
+def dataset_labels(ds: Dataset) -> list[int]:
+    """Integer labels of a dataset without loading its images.
 
-
-def confusion_matrix(
-    preds: Tensor | Sequence[int], targets: Tensor | Sequence[int], num_classes: int
-) -> Tensor:
-    """Counts ``cm[true, predicted]``.
-
-    Args:
-        preds: Predicted labels ``(N,)`` (or logits ``(N, num_classes)``, arg-maxed).
-        targets: True labels ``(N,)``.
-        num_classes: Number of classes.
-
-    Returns:
-        ``LongTensor (num_classes, num_classes)``; rows are true classes.
+    Reads ``targets``, ``labels`` or ``samples`` (``(path, label)`` pairs), through
+    any nesting of ``torch.utils.data.Subset``.
 
     Raises:
-        ValueError: On mismatched lengths or labels outside ``[0, num_classes)``.
-
-    Example:
-        >>> confusion_matrix([0, 1, 1], [0, 1, 0], 2).tolist()
-        [[1, 1], [0, 1]]
+        TypeError: If the dataset has none of these.
     """
-    p = torch.as_tensor(preds)
-    t = torch.as_tensor(targets)
-    if p.dim() == 2:
-        p = p.argmax(1)
-    p, t = p.long().flatten().cpu(), t.long().flatten().cpu()
-    if p.shape != t.shape:
-        raise ValueError(
-            f"confusion_matrix: expected as many predictions as targets, got {p.numel()} and {t.numel()}"
-        )
-    for name, v in (("preds", p), ("targets", t)):
-        if v.numel() and (int(v.min()) < 0 or int(v.max()) >= num_classes):
-            raise ValueError(
-                f"confusion_matrix: expected {name} in [0, {num_classes}), got range "
-                f"[{int(v.min())}, {int(v.max())}]"
-            )
-    return torch.bincount(t * num_classes + p, minlength=num_classes * num_classes).view(
-        num_classes, num_classes
-    )
-
-
-def _check_cm(cm: Tensor) -> Tensor:
-    cm = torch.as_tensor(cm)
-    if cm.dim() != 2 or cm.shape[0] != cm.shape[1]:
-        raise ValueError(f"expected a square confusion matrix, got shape {tuple(cm.shape)}")
-    return cm.double()
-
-
-def accuracy_from_confusion(cm: Tensor) -> float:
-    """Overall accuracy, ``trace / total``; ``nan`` for an empty matrix."""
-    c = _check_cm(cm)
-    total = float(c.sum())
-    return float(c.diagonal().sum()) / total if total > 0 else float("nan")
-
-
-def per_class_recall(cm: Tensor) -> Tensor:
-    """Recall of every class (``diag / row sum``); ``nan`` for classes without samples."""
-    c = _check_cm(cm)
-    support = c.sum(1)
-    return torch.where(support > 0, c.diagonal() / support.clamp_min(1), torch.full_like(support, float("nan")))
-
-
-def balanced_accuracy_from_confusion(cm: Tensor) -> float:
-    """Mean per-class recall over the classes that have samples.
-
-    Classes with no true samples (an all-zero row) are excluded from the mean,
-    because their recall is undefined; predictions *into* such a class still
-    lower the recall of the true classes. ``nan`` if no class has samples.
-
-    Example:
-        >>> balanced_accuracy_from_confusion(torch.tensor([[8, 0], [1, 1]]))
-        0.75
-    """
-    r = per_class_recall(cm)
-    r = r[~torch.isnan(r)]
-    return float(r.mean()) if r.numel() else float("nan")
+    if isinstance(ds, Subset):
+        inner = dataset_labels(ds.dataset)
+        return [inner[i] for i in ds.indices]
+    for attr in ("targets", "labels"):
+        if hasattr(ds, attr):
+            return [int(v) for v in getattr(ds, attr)]
+    if hasattr(ds, "samples"):
+        return [int(s[1]) for s in ds.samples]
+    raise TypeError(f"cannot read labels of {type(ds).__name__} without loading images")

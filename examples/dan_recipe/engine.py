@@ -1,0 +1,162 @@
+"""One epoch of training and one pass of evaluation.
+
+Both accumulate a confusion matrix and the sums of the losses on the device
+(:class:`RunningMetrics`) and sum them over the ranks at the end, so the metrics
+of a split are computed once, over all of its samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from .distributed import Dist
+from .errors import UserError
+from .model import DANWithLosses
+from .reporting import summarise_split
+
+__all__ = ["RunningMetrics", "TrainStep", "evaluate", "train_one_epoch"]
+
+
+class RunningMetrics:
+    """Confusion matrix and summed losses over the batches of one pass of a split.
+
+    Args:
+        num_classes: Rows and columns of the confusion matrix.
+        device: Where to accumulate.
+    """
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        self.cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        self.loss_sums = torch.zeros(4, dtype=torch.float64, device=device)
+
+    def update(self, out: Mapping[str, Tensor], labels: Tensor) -> None:
+        """Add a batch: ``out`` of :class:`~dan_recipe.model.DANWithLosses` and its labels."""
+        n = self.cm.shape[0]
+        pred = out["logits"].argmax(1)
+        self.cm += torch.bincount(labels * n + pred, minlength=n * n).view(n, n)
+        parts = torch.stack([out["loss"].detach(), out["ce"], out["affinity"], out["partition"]])
+        self.loss_sums += parts.double() * labels.shape[0]
+
+    def summary(self, ranks: Dist) -> dict[str, Any]:
+        """Sum over the ranks, then accuracy, balanced accuracy and mean losses."""
+        ranks.all_reduce_(self.cm)
+        ranks.all_reduce_(self.loss_sums)
+        return summarise_split(self.cm, self.loss_sums, int(self.cm.sum()))
+
+
+@dataclass
+class TrainStep:
+    """What a training step needs besides the batch.
+
+    Attributes:
+        module: The model with its losses, wrapped in DDP under torchrun.
+        optimizer: Steps every batch.
+        scaler: ``torch.amp.GradScaler`` (disabled unless float16 autocast).
+        scheduler: Stepped every batch when ``per_step_schedule``, else by the caller.
+        per_step_schedule: Whether the schedule advances per step (cosine).
+        autocast: Context factory (``contextlib.nullcontext`` without ``--amp``).
+        device: Where batches go.
+        channels_last: Whether images go channels-last.
+    """
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    per_step_schedule: bool
+    autocast: Callable[[], Any]
+    device: torch.device
+    channels_last: bool
+
+
+def _to_device(batch: Any, device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:
+    x, y = batch
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def train_one_epoch(
+    step: TrainStep, loader: DataLoader, metrics: RunningMetrics, ranks: Dist, *, desc: str, progress: bool
+) -> tuple[int, int]:
+    """Train over ``loader`` once.
+
+    A batch with fewer than 2 readable images (BatchNorm needs 2) is skipped on
+    every rank alike. The progress bar shows detached numbers only.
+
+    Returns:
+        ``(steps taken, batches skipped)``.
+
+    Raises:
+        UserError: On a non-finite loss (with the parts of the loss).
+    """
+    from tqdm import tqdm
+
+    steps = skipped = 0
+    bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for batch in bar:
+        if not ranks.all_true(batch is not None and batch[1].shape[0] >= 2, step.device):
+            skipped += 1
+            continue
+        x, y = _to_device(batch, step.device, step.channels_last)
+        with step.autocast():
+            out = step.module(x, y)
+        loss = out["loss"]
+        if not torch.isfinite(loss.detach()):
+            parts = ", ".join(f"{k} {float(out[k]):.4g}" for k in ("ce", "affinity", "partition"))
+            raise UserError(
+                f"--lr {step.optimizer.param_groups[0]['lr']:.3g}: non-finite loss ({parts}); try a lower --lr"
+            )
+        step.optimizer.zero_grad(set_to_none=True)
+        step.scaler.scale(loss).backward()
+        step.scaler.step(step.optimizer)
+        step.scaler.update()
+        if step.per_step_schedule:
+            step.scheduler.step()
+        steps += 1
+        metrics.update(out, y)
+        if progress:
+            bar.set_postfix(
+                loss=f"{float(loss.detach()):.3f}", lr=f"{step.optimizer.param_groups[0]['lr']:.2e}"
+            )
+    bar.close()
+    return steps, skipped
+
+
+@torch.no_grad()
+def evaluate(
+    net: DANWithLosses,
+    loader: DataLoader,
+    ranks: Dist,
+    *,
+    device: torch.device,
+    autocast: Callable[[], Any],
+    channels_last: bool = False,
+) -> dict[str, Any]:
+    """Metrics of ``net`` in eval mode over every sample of ``loader`` (all ranks together).
+
+    Returns:
+        :func:`~dan_recipe.reporting.summarise_split`'s dict; ``samples`` is 0 (and
+        the accuracies ``nan``) when no image of the split could be read.
+    """
+    was_training = net.training
+    net.eval()
+    metrics = RunningMetrics(net.model.num_classes, device)
+    try:
+        for batch in loader:
+            if batch is None:
+                continue
+            x, y = _to_device(batch, device, channels_last)
+            with autocast():
+                out = net(x, y)
+            metrics.update(out, y)
+    finally:
+        net.train(was_training)
+    return metrics.summary(ranks)
