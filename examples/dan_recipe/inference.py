@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
@@ -128,7 +129,8 @@ def load_checkpoint_for_inference(
         model, info = _load(raw, path, parsed, torch.device(device))
     except ValueError as exc:
         if parsed is not None or "RAF-DB and AffectNet-7" not in str(exc):
-            raise UserError(f"--labels {labels}: {exc}") from None
+            reason = re.sub(r"^load_model( labels)?: ", "", str(exc))
+            raise UserError(f"--labels {labels}: {reason}") from None
         parsed, why = authors_seven_class_default(path)
         model, info = _load(raw, path, parsed, torch.device(device))
         log(

@@ -6,7 +6,8 @@
   alone.
 * :class:`OutputNames` gives each picture (or face) of a run its own file name,
   made from the source's name, the frame and the face, with ``-2``, ``-3`` ...
-  when two sources share a name (``a/img.jpg`` and ``b/img.jpg``).
+  after the source's name when two sources share it (``a/img.jpg`` and
+  ``b/img.jpg`` give ``img`` and ``img-2``).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def prepare_output_folder(path: str | Path, flag: str, *, overwrite: bool) -> Pa
 
 
 class OutputNames:
-    """Unique file names within one run.
+    """Unique file names within one run: one stem per source, then frame and face.
 
     Example:
         >>> names = OutputNames()
@@ -65,25 +66,33 @@ class OutputNames:
     """
 
     def __init__(self) -> None:
+        self._stems: dict[str, str] = {}
         self._taken: set[str] = set()
 
+    def _unique(self, base: str) -> str:
+        candidate, n = base, 1
+        while candidate.lower() in self._taken:
+            n += 1
+            candidate = f"{base}-{n}"
+        self._taken.add(candidate.lower())
+        return candidate
+
     def name(self, source: str, frame: int | None, face: int | None, suffix: str) -> str:
-        """A new name: ``<stem>[_f<frame>][_face<i>][-<n>]<suffix>``.
+        """A new name: ``<stem>[_f<frame>][_face<i>]<suffix>``.
+
+        ``<stem>`` is the source file's stem (characters other than letters, digits,
+        ``.``, ``-`` and ``_`` made ``_``), with ``-2``, ``-3`` ... when another source
+        of the run has the same stem.
 
         Args:
             source: The input file's path.
             frame: Video frame index, or ``None``.
             face: Face index within the picture, or ``None``.
-            suffix: File ending, with its dot.
+            suffix: File ending, with its dot (or ``""``).
         """
-        stem = _UNSAFE.sub("_", Path(source).stem).strip("_") or "picture"
-        if frame is not None:
-            stem += f"_f{frame:06d}"
-        if face is not None:
-            stem += f"_face{face}"
-        candidate, n = stem, 1
-        while candidate.lower() in self._taken:
-            n += 1
-            candidate = f"{stem}-{n}"
-        self._taken.add(candidate.lower())
-        return candidate + suffix
+        stem = self._stems.get(source)
+        if stem is None:
+            stem = self._unique(_UNSAFE.sub("_", Path(source).stem).strip("_") or "picture")
+            self._stems[source] = stem
+        name = stem + ("" if frame is None else f"_f{frame:06d}") + ("" if face is None else f"_face{face}")
+        return (name if name == stem else self._unique(name)) + suffix
