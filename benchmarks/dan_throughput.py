@@ -267,7 +267,9 @@ def _inductor_cache_warm() -> bool | None:
 
 def _ref_state_from(model: nn.Module, dan) -> dict:
     """``RefDAN`` state dict holding ``model``'s weights (via the authors' key layout)."""
-    official = dan.to_official_state_dict(model)
+    from dan_recipe.weights import to_official_state_dict  # load_examples_dan put examples/ on sys.path
+
+    official = to_official_state_dict(model)
     out = {}
     for k, v in official.items():
         if k.startswith("features."):
