@@ -30,7 +30,6 @@ import sys
 import time
 
 import _common as C
-import numpy as np
 import torch
 
 import dan_layers
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows, parity = [], 0.0
     for batch in args.batches:
         faces = [crops[i % len(crops)] for i in range(batch)]
-        fns = {name: (lambda c=c: c.probabilities(c.batch(faces))) for name, c in classifiers.items()}
+        fns = {name: (lambda c=c, f=faces: c.probabilities(c.batch(f))) for name, c in classifiers.items()}
         with torch.inference_mode():
             logits = {name: c.model(c.batch(faces))[0] for name, c in classifiers.items()}
         parity = max(parity, C.rel_err(logits["fast"], logits["plain"]))
@@ -145,16 +144,25 @@ def main(argv: list[str] | None = None) -> dict:
                       title=f"{NAME}: batch {batch}")  # fmt: skip
     payload = {
         "name": NAME,
-        "question": "DAN on photos: faces/s end to end, split into decode, detect and classify; fast path vs plain",
+        "question": "DAN on photos: faces/s end to end, split into decode, detect and classify; "
+        "fast path vs plain",
         "command": C.command_line(),
         "env": {**C.env_info("cpu"), "opencv": cv2.__version__, "opencv_threads": cv2.getNumThreads()},
-        "config": {"batches": args.batches, "image_size": args.image_size, "picture_size": args.picture_size,
-                   "faces_per_picture": len(crops), "quick": args.quick, "stage_repeats": args.stage_repeats,
-                   "repeats_max": repeats,
-                   "timing": "decode and detect: median of repeated calls; classify: fast and plain interleaved, "
-                             "median per batch; end to end = sum of the stages per face"},  # fmt: skip
-        "summary": {"logits_rel_err_fast_vs_plain": parity,
-                    "detect_ms_per_picture_scale_factor_1_3": detect_by_scale[1.3]},
+        "config": {
+            "batches": args.batches,
+            "image_size": args.image_size,
+            "picture_size": args.picture_size,
+            "faces_per_picture": len(crops),
+            "quick": args.quick,
+            "stage_repeats": args.stage_repeats,
+            "repeats_max": repeats,
+            "timing": "decode and detect: median of repeated calls; classify: fast and plain interleaved, "
+            "median per batch; end to end = sum of the stages per face",
+        },  # fmt: skip
+        "summary": {
+            "logits_rel_err_fast_vs_plain": parity,
+            "detect_ms_per_picture_scale_factor_1_3": detect_by_scale[1.3],
+        },
         "rows": rows,
     }
     C.write_json(C.result_name(NAME, args), payload, args.out)

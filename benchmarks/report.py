@@ -222,8 +222,9 @@ def sec_predict(d: dict) -> str:
             "+ classify per face, the stages running one after the other as in the command. OpenCV ran "
             f"{d['env'].get('opencv_threads', '?')} thread(s) (OpenCV {d['env'].get('opencv', '?')})."
             + ("" if parity is None else f" Logits of fast vs plain: relative difference {parity:.1e}.")
-            + (f" Detection at `--scale-factor 1.3` (the authors' video demo, which in the guide's probe missed a 36 px face that 1.1 finds): "
-               f"{d['summary']['detect_ms_per_picture_scale_factor_1_3']:.1f} ms per picture."
+            + (" Detection at `--scale-factor 1.3` (the authors' video demo, which in the guide's probe missed "
+               f"a 36 px face that 1.1 finds): {d['summary']['detect_ms_per_picture_scale_factor_1_3']:.1f} ms "
+               "per picture."
                if "detect_ms_per_picture_scale_factor_1_3" in d.get("summary", {}) else "")
             + "\n\n" + md_table(d["rows"], cols))
 

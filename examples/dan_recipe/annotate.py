@@ -46,7 +46,9 @@ def draw_faces(rgb: np.ndarray, faces: Sequence[tuple[Box, str, float]]) -> np.n
         if top < 0:
             top = min(height - th - base, box.y + box.h)
         top = max(0, top)
-        cv2.rectangle(out, (box.x, top), (box.x + tw + 2 * thickness, top + th + base + thickness), _BOX_RGB, -1)
+        cv2.rectangle(
+            out, (box.x, top), (box.x + tw + 2 * thickness, top + th + base + thickness), _BOX_RGB, -1
+        )
         cv2.putText(
             out, text, (box.x + thickness, top + th + thickness), cv2.FONT_HERSHEY_SIMPLEX, scale, _TEXT_RGB,
             thickness, cv2.LINE_AA,

@@ -25,13 +25,13 @@ import numpy as np
 
 from .checkpoints import ModelInfo
 from .errors import UserError
-from .face_pipeline import FacesInPicture, find_faces, group_for_batches
+from .face_pipeline import FacesInPicture
 from .faces import Box
 from .head_figure import write_head_figure
 from .head_maps import HeadMaps, explain_heads, upsample_maps
 from .inference import FaceClassifier
 from .output_folder import OutputNames, prepare_output_folder
-from .photo_cli import CommandParser, PhotoRun, add_shared_flags, check_shared_flags, make_detector, open_model
+from .photo_cli import PhotoRun, check_shared_flags, make_detector, open_model, photo_parser
 from .predict_output import FaceRecord
 from .sources import Picture, expand_inputs
 
@@ -42,8 +42,8 @@ INDEX_NAME = "faces.jsonl"
 
 _EXAMPLES = """examples:
   python examples/explain.py photo.jpg --checkpoint runs/demo/best.pt --out explained/
-  python examples/explain.py test_0001_aligned.jpg --no-detect --checkpoint rafdb_epoch21_acc0.897_bacc0.8532.pth \\
-      --labels rafdb --target Happiness --save-maps --out explained/
+  python examples/explain.py test_0001_aligned.jpg --no-detect --labels rafdb \\
+      --checkpoint rafdb_epoch21_acc0.897_bacc0.8532.pth --target Happiness --save-maps --out explained/
 
 Per face: <name>.png (the crop; per head its spatial attention map and its Grad-CAM++ map),
 with --save-maps <name>.npz (attention (K, h, w) at the feature-map resolution, gradcam
@@ -54,18 +54,20 @@ faces.jsonl.
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``explain.py``."""
-    p = CommandParser(
-        prog="explain.py",
-        description="Show where each DAN head looks on every face: its spatial attention map and "
-        "Grad-CAM++ of its spatially attended features.",
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = photo_parser(
+        "explain.py",
+        "Show where each DAN head looks on every face: its spatial attention map and Grad-CAM++ of its "
+        "spatially attended features.",
+        _EXAMPLES,
+        batch_size=8,
     )
-    add_shared_flags(p, batch_size=8)
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs (empty or new)")
-    g.add_argument("--target", metavar="CLASS",
-                   help="class to explain, by name or index (default: each face's predicted class)")
+    g.add_argument(
+        "--target",
+        metavar="CLASS",
+        help="class to explain, by name or index (default: each face's predicted class)",
+    )
     g.add_argument("--save-maps", action="store_true", help="also write <name>.npz with the raw maps")
     return p
 
@@ -163,13 +165,7 @@ def run_explain(argv: Sequence[str] | None = None) -> dict[str, Any]:
     detector = make_detector(args)
     with open(folder / INDEX_NAME, "w", encoding="utf-8") as index:
         out = _Writer(folder, OutputNames(), index, info, args.save_maps)
-        try:
-            for group in group_for_batches(find_faces(run.pictures(), detector, args.margin), args.batch_size):
+        with run.interruptible(f"{folder} holds the faces done so far (listed in {INDEX_NAME})"):
+            for group in run.face_groups(detector, args.margin, args.batch_size):
                 _explain_group(group, classifier, target, args.batch_size, out)
-                for item in group:
-                    run.count(item)
-        except KeyboardInterrupt:
-            run.bar.close()
-            run.log(f"interrupted: {folder} holds the faces done so far (listed in {INDEX_NAME})")
-            raise
     return run.finish(str(folder))

@@ -3,9 +3,10 @@
 * :func:`find_faces` runs the detector on each :class:`~dan_recipe.sources.Picture`
   (or, with no detector, takes the whole picture as one face) and cuts the crops.
 * :func:`group_for_batches` gathers consecutive pictures until they hold at least
-  ``batch_size`` faces (or are ``batch_size`` pictures), so that faces of small pictures share forward passes and
-  results still come out picture by picture, in input order (a picture without a
-  face travels in its group too, and gets its record in its place).
+  ``batch_size`` faces (or are ``batch_size`` pictures), so that faces of small
+  pictures share forward passes and results still come out picture by picture, in
+  input order (a picture without a face travels in its group too, and gets its
+  record in its place).
 """
 
 from __future__ import annotations

@@ -38,7 +38,8 @@ def _check_pair(activations: Tensor, gradients: Tensor) -> None:
         raise ValueError(f"activations: expected (..., C, H, W), got shape {tuple(activations.shape)}")
     if activations.shape != gradients.shape:
         raise ValueError(
-            f"gradients: expected the activations' shape {tuple(activations.shape)}, got {tuple(gradients.shape)}"
+            f"gradients: expected the activations' shape {tuple(activations.shape)}, "
+            f"got {tuple(gradients.shape)}"
         )
 
 

@@ -139,7 +139,7 @@ def load_checkpoint_for_inference(
         )
     if fast:
         dan_layers.reparameterize_model(model)
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model, replace(info, path=path)
 
 

@@ -70,7 +70,9 @@ class FaceRecord:
             "box": None if self.box is None else list(self.box),
             "label": self.label,
             "probabilities": (
-                None if self.probabilities is None else {k: round(v, _DIGITS) for k, v in self.probabilities.items()}
+                None
+                if self.probabilities is None
+                else {k: round(v, _DIGITS) for k, v in self.probabilities.items()}
             ),
         }
 

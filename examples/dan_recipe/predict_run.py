@@ -15,9 +15,9 @@ from typing import Any
 from torch import Tensor
 
 from .annotate import ANNOTATION_SUFFIX, draw_faces, write_annotated
-from .face_pipeline import FacesInPicture, find_faces, group_for_batches
+from .face_pipeline import FacesInPicture
 from .output_folder import OutputNames, prepare_output_folder
-from .photo_cli import CommandParser, PhotoRun, add_shared_flags, check_shared_flags, make_detector, open_model
+from .photo_cli import PhotoRun, check_shared_flags, make_detector, open_model, photo_parser
 from .predict_output import FaceRecord, RecordWriter, check_output_file, open_records
 from .sources import expand_inputs
 
@@ -38,14 +38,13 @@ A picture without a face gets one record with face, box, label and probabilities
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``predict.py``."""
-    p = CommandParser(
-        prog="predict.py",
-        description="Find every face in images and videos (OpenCV Haar cascade) and classify its "
-        "expression with a DAN checkpoint.",
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = photo_parser(
+        "predict.py",
+        "Find every face in images and videos (OpenCV Haar cascade) and classify its expression with a "
+        "DAN checkpoint.",
+        _EXAMPLES,
+        batch_size=16,
     )
-    add_shared_flags(p, batch_size=16)
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="FILE", help="FILE.jsonl or FILE.csv (default: JSON Lines on stdout)")
     g.add_argument("--annotate", metavar="DIR", help="also write each picture with its boxes and labels drawn")
@@ -73,7 +72,7 @@ def face_records(item: FacesInPicture, probabilities: Tensor, class_names: Seque
 
 def _write_group(
     group: list[FacesInPicture], probabilities: Tensor, class_names: Sequence[str], writer: RecordWriter,
-    annotate: tuple[Path, OutputNames] | None, run: PhotoRun,
+    annotate: tuple[Path, OutputNames] | None,
 ) -> None:  # fmt: skip
     start = 0
     for item in group:
@@ -84,22 +83,17 @@ def _write_group(
             writer.write(record)
         if annotate is not None:
             folder, names = annotate
-            faces = [(r.box, r.label, r.probabilities[r.label]) for r in records if r.box and r.probabilities]
+            faces = [
+                (r.box, r.label, r.probabilities[r.label])
+                for r in records
+                if r.box and r.label and r.probabilities
+            ]
             name = names.name(item.picture.source, item.picture.frame, None, ANNOTATION_SUFFIX)
             write_annotated(folder / name, draw_faces(item.picture.rgb, faces))
-        run.count(item)
 
 
 def run_predict(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run ``predict.py`` with ``argv`` (without the program name).
-
-    Returns:
-        The run's counts (images, videos, frames, faces, faceless, unreadable, seconds).
-
-    Raises:
-        UserError: A mistake in the flags or inputs (status 1, one line).
-        CheckpointError: A checkpoint that cannot be read or is not a DAN's.
-    """
+    """Run ``predict.py`` with ``argv`` (without the program name); errors and counts as ``run_explain``."""
     args = build_parser().parse_args(argv)
     check_shared_flags(args)
     check_output_file(args.out, args.overwrite)
@@ -111,15 +105,10 @@ def run_predict(argv: Sequence[str] | None = None) -> dict[str, Any]:
     _, info, classifier = open_model(args, run.log)
     detector = make_detector(args)
     with open_records(args.out, info.class_names, overwrite=args.overwrite) as writer:
-        try:
-            items = find_faces(run.pictures(), detector, args.margin)
-            for group in group_for_batches(items, args.batch_size):
+        with run.interruptible(f"{args.out or 'stdout'} holds the records of the pictures done so far"):
+            for group in run.face_groups(detector, args.margin, args.batch_size):
                 crops = [crop for item in group for crop in item.crops]
                 probabilities = classifier.classify(crops, args.batch_size)
-                _write_group(group, probabilities, info.class_names, writer, annotate, run)
-        except KeyboardInterrupt:
-            run.bar.close()
-            run.log(f"interrupted: {args.out or 'stdout'} holds the records of the pictures done so far")
-            raise
+                _write_group(group, probabilities, info.class_names, writer, annotate)
         wrote = (args.out or "stdout") + (f" and {args.annotate}" if args.annotate else "")
         return run.finish(wrote)  # inside the block: a run that read nothing leaves no --out file

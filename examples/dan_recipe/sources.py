@@ -174,9 +174,9 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+        with Image.open(path) as opened:
+            upright = ImageOps.exif_transpose(opened)
+            return np.asarray(upright.convert("RGB"), dtype=np.uint8).copy()
     except UnidentifiedImageError:
         raise UnreadableFileError("not an image file that PIL can decode") from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data

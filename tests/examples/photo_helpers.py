@@ -32,6 +32,8 @@ if str(EXAMPLES) not in sys.path:
 from dan_recipe import checkpoints, errors, model, weights  # noqa: E402
 
 CLASS_NAMES = ("calm", "joy", "gloom")
+#: Flags every command test passes: the CPU, one thread, no progress bar.
+QUIET_CPU = ["--device", "cpu", "--threads", "1", "--no-progress"]
 #: Where the cascade finds the astronaut's face (x, y, w, h), within a few pixels.
 ASTRONAUT_FACE = (177, 66, 95, 95)
 
@@ -118,7 +120,9 @@ def save_authors_checkpoint(path: Path, *, num_classes: int = 7, num_heads: int 
     return path
 
 
-def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str], capsys) -> tuple[int, str, str]:
+def run_cli(
+    main: Callable[[Sequence[str] | None], object], argv: Sequence[str], capsys
+) -> tuple[int, str, str]:
     """``errors.run_command(main, argv)``: the status, and what it printed."""
     capsys.readouterr()
     status = errors.run_command(main, list(argv))
@@ -129,6 +133,7 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str],
 __all__ = [
     "ASTRONAUT_FACE",
     "CLASS_NAMES",
+    "QUIET_CPU",
     "astronaut",
     "coffee",
     "run_cli",

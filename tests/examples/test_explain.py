@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import json
 
+import explain
 import numpy as np
 import pytest
 import torch
-from photo_helpers import CLASS_NAMES, astronaut, coffee, run_cli, save_authors_checkpoint, save_image, two_faces
-
-import explain
 from dan_recipe import explain_run, head_maps, inference, sources
-
-FAST = ["--device", "cpu", "--threads", "1", "--no-progress"]
+from photo_helpers import (
+    CLASS_NAMES,
+    QUIET_CPU,
+    astronaut,
+    coffee,
+    run_cli,
+    save_authors_checkpoint,
+    save_image,
+    two_faces,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +47,7 @@ def test_one_png_and_npz_per_face_with_the_maps_of_every_head(photos, ours, tmp_
     from PIL import Image
 
     out = tmp_path / "explained"
-    argv = [str(photos), "--checkpoint", str(ours), "--out", str(out), "--save-maps", *FAST]
+    argv = [str(photos), "--checkpoint", str(ours), "--out", str(out), "--save-maps", *QUIET_CPU]
     status, _, err = run_cli(explain.main, argv, capsys)
     assert status == 0, err
     # two sources share the stem "face": the second gets -2; the faceless coffee writes nothing
@@ -55,7 +61,9 @@ def test_one_png_and_npz_per_face_with_the_maps_of_every_head(photos, ours, tmp_
     assert maps["attention"].shape == (3, 2, 2)  # K heads at the feature-map resolution (64 px / 32)
     assert maps["gradcam"].shape == (3, 64, 64) and maps["crop"].shape == (64, 64, 3)
     assert (maps["gradcam"] >= 0).all() and maps["gradcam"].max() > 0
-    assert tuple(maps["class_names"]) == CLASS_NAMES and int(maps["target"]) == int(maps["probabilities"].argmax())
+    assert tuple(maps["class_names"]) == CLASS_NAMES and int(maps["target"]) == int(
+        maps["probabilities"].argmax()
+    )
     assert index[2]["target"] == index[2]["label"] == CLASS_NAMES[int(maps["target"])]
     png = np.asarray(Image.open(out / "face-2_face0.png"))
     assert png.shape[1] > 3 * png.shape[0] / 2  # 2 rows of K + 1 = 4 panels
@@ -65,7 +73,7 @@ def test_one_png_and_npz_per_face_with_the_maps_of_every_head(photos, ours, tmp_
 def test_saved_maps_are_those_of_the_model_for_the_target(photos, ours, tmp_path, capsys):
     out = tmp_path / "explained"
     argv = [str(photos / "b" / "face.png"), "--checkpoint", str(ours), "--out", str(out), "--save-maps",
-            "--target", CLASS_NAMES[2].upper(), *FAST]  # fmt: skip
+            "--target", CLASS_NAMES[2].upper(), *QUIET_CPU]  # fmt: skip
     assert run_cli(explain.main, argv, capsys)[0] == 0
     saved = np.load(out / "face_face0.npz")
     net, info = inference.load_checkpoint_for_inference(str(ours), fast=False)
@@ -85,7 +93,7 @@ def test_an_out_folder_with_files_is_refused_unless_overwrite(photos, ours, tmp_
     out = tmp_path / "explained"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    argv = [str(photos / "b" / "face.png"), "--checkpoint", str(ours), "--out", str(out), *FAST]
+    argv = [str(photos / "b" / "face.png"), "--checkpoint", str(ours), "--out", str(out), *QUIET_CPU]
     status, _, err = run_cli(explain.main, argv, capsys)
     assert status == 1 and err.startswith("error: --out") and "--overwrite" in err and err.count("\n") == 1
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
@@ -96,7 +104,7 @@ def test_an_out_folder_with_files_is_refused_unless_overwrite(photos, ours, tmp_
 def test_authors_checkpoint_with_no_detect_and_a_bad_target(tmp_path, capsys):
     path = save_authors_checkpoint(tmp_path / "rafdb_epoch21.pth", num_classes=7, num_heads=2)
     crop = save_image(tmp_path / "crop.jpg", astronaut()[40:190, 150:300])
-    argv = [str(crop), "--no-detect", "--checkpoint", str(path), "--out", str(tmp_path / "x"), *FAST]
+    argv = [str(crop), "--no-detect", "--checkpoint", str(path), "--out", str(tmp_path / "x"), *QUIET_CPU]
     status, _, err = run_cli(explain.main, [*argv, "--target", "Joy"], capsys)
     assert status == 1 and "--target Joy" in err and "Happiness" in err
     status, _, err = run_cli(explain.main, [*argv, "--target", "3", "--overwrite", "--save-maps"], capsys)

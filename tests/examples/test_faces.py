@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from photo_helpers import ASTRONAUT_FACE, astronaut, coffee, two_faces
-
 from dan_recipe import faces
+from photo_helpers import ASTRONAUT_FACE, astronaut, coffee, two_faces
 
 
 @pytest.fixture(scope="module")

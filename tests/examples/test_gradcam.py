@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dan_recipe import gradcam, head_maps, model
 from photo_helpers import save_our_checkpoint  # noqa: F401  (puts examples/ on sys.path)
 from torch import nn
 
 import dan_layers
-from dan_recipe import gradcam, head_maps, model
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -130,7 +130,9 @@ def test_every_head_equals_a_per_head_computation_in_the_authors_layout():
             torch.testing.assert_close(got.attention[:, k], spatial[k].attention_map(fmap)[:, 0])
         for b in range(2):
             expected = _loop_gradcam(attended[k][b].double().detach().numpy(), grads[k][b].double().numpy())
-            np.testing.assert_allclose(got.gradcam[b, k].numpy(), expected, rtol=2e-4, atol=1e-6 * expected.max())
+            np.testing.assert_allclose(
+                got.gradcam[b, k].numpy(), expected, rtol=2e-4, atol=1e-6 * expected.max()
+            )
     assert not torch.allclose(got.gradcam[:, 0], got.gradcam[:, 1])  # the heads differ
 
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from photo_helpers import astronaut, save_image, write_video
-
 from dan_recipe import errors, sources
+from photo_helpers import astronaut, save_image, write_video
 
 
 def _tree(tmp_path):
@@ -69,7 +68,9 @@ def test_unreadable_files_are_reported_and_skipped(tmp_path):
     (tmp_path / "broken.mp4").write_bytes(b"not a video")
     found = sources.expand_inputs([str(tmp_path)])
     skipped = []
-    pictures = list(sources.iter_pictures(found, on_unreadable=lambda s, why: skipped.append((s.path.name, why))))
+    pictures = list(
+        sources.iter_pictures(found, on_unreadable=lambda s, why: skipped.append((s.path.name, why)))
+    )
     assert [p.source for p in pictures] == [str(tmp_path / "good.png")]
     assert dict(skipped) == {"broken.jpg": "not an image file that PIL can decode",
                              "broken.mp4": "OpenCV cannot open it as a video"}  # fmt: skip

@@ -15,12 +15,15 @@ import subprocess
 import sys
 
 import numpy as np
+import predict
 import pytest
 import torch
+from dan_recipe import data, faces, inference, sources, transforms
 from photo_helpers import (
     ASTRONAUT_FACE,
     CLASS_NAMES,
     EXAMPLES,
+    QUIET_CPU,
     astronaut,
     coffee,
     run_cli,
@@ -31,11 +34,6 @@ from photo_helpers import (
     write_video,
 )
 
-import predict
-from dan_recipe import data, faces, inference, sources, transforms
-
-FAST = ["--device", "cpu", "--threads", "1", "--no-progress"]
-
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
@@ -43,7 +41,9 @@ def photos(tmp_path_factory):
     save_image(root / "astronaut.jpg", astronaut())
     save_image(root / "two.png", two_faces())
     save_image(root / "coffee.jpg", coffee()[::2, ::2])
-    frames = [np.ascontiguousarray(astronaut()[::2, ::2])] * 4 + [np.ascontiguousarray(coffee()[:256, :256])] * 2
+    frames = [np.ascontiguousarray(astronaut()[::2, ::2])] * 4 + [
+        np.ascontiguousarray(coffee()[:256, :256])
+    ] * 2
     write_video(root / "clip.avi", frames, fps=4.0)
     return root
 
@@ -59,7 +59,7 @@ def _jsonl(text: str) -> list[dict]:
 
 def test_every_face_gets_a_record_and_a_faceless_photo_gets_an_empty_one(photos, ours, capsys):
     argv = [str(photos / n) for n in ("astronaut.jpg", "two.png", "coffee.jpg")]
-    status, out, err = run_cli(predict.main, [*argv, "--checkpoint", str(ours), *FAST], capsys)
+    status, out, err = run_cli(predict.main, [*argv, "--checkpoint", str(ours), *QUIET_CPU], capsys)
     assert status == 0, err
     records = _jsonl(out)
     assert [(r["source"].rsplit("/", 1)[-1], r["face"]) for r in records] == [
@@ -76,8 +76,8 @@ def test_every_face_gets_a_record_and_a_faceless_photo_gets_an_empty_one(photos,
 
 
 def test_probabilities_are_the_models_on_the_crop(photos, ours, capsys):
-    status, out, _ = run_cli(predict.main, [str(photos / "astronaut.jpg"), "--checkpoint", str(ours), *FAST],
-                             capsys)  # fmt: skip
+    argv = [str(photos / "astronaut.jpg"), "--checkpoint", str(ours), *QUIET_CPU]
+    status, out, _ = run_cli(predict.main, argv, capsys)
     (record,) = _jsonl(out)
     net, info = inference.load_checkpoint_for_inference(str(ours), fast=False)
     crop = faces.crop_face(sources.read_image(photos / "astronaut.jpg"), faces.Box(*record["box"]))
@@ -90,7 +90,16 @@ def test_probabilities_are_the_models_on_the_crop(photos, ours, capsys):
 
 def test_video_frames_every_n_with_index_and_time_as_csv(photos, ours, tmp_path, capsys):
     out_csv = tmp_path / "faces.csv"
-    argv = [str(photos / "clip.avi"), "--every", "2", "--checkpoint", str(ours), "--out", str(out_csv), *FAST]
+    argv = [
+        str(photos / "clip.avi"),
+        "--every",
+        "2",
+        "--checkpoint",
+        str(ours),
+        "--out",
+        str(out_csv),
+        *QUIET_CPU,
+    ]
     status, out, err = run_cli(predict.main, argv, capsys)
     assert status == 0 and out == "", err
     with out_csv.open(newline="") as f:
@@ -107,7 +116,7 @@ def test_video_frames_every_n_with_index_and_time_as_csv(photos, ours, tmp_path,
 def test_authors_checkpoint_no_detect_and_a_stated_class_order(tmp_path, capsys):
     path = save_authors_checkpoint(tmp_path / "epoch21.pth", num_classes=7)
     crop = save_image(tmp_path / "test_0001_aligned.jpg", astronaut()[40:190, 150:300])
-    argv = [str(crop), "--no-detect", "--checkpoint", str(path), *FAST]
+    argv = [str(crop), "--no-detect", "--checkpoint", str(path), *QUIET_CPU]
     status, out, err = run_cli(predict.main, argv, capsys)
     assert status == 0, err
     (record,) = _jsonl(out)
@@ -121,7 +130,9 @@ def test_authors_checkpoint_no_detect_and_a_stated_class_order(tmp_path, capsys)
 def test_authors_eight_classes_are_affectnet_and_file_names_pick_the_order(tmp_path, capsys):
     eight = save_authors_checkpoint(tmp_path / "affecnet8_epoch5_acc0.6209.pth", num_classes=8, num_heads=1)
     crop = save_image(tmp_path / "face.png", astronaut()[40:190, 150:300])
-    status, out, err = run_cli(predict.main, [str(crop), "--no-detect", "--checkpoint", str(eight), *FAST], capsys)
+    status, out, err = run_cli(
+        predict.main, [str(crop), "--no-detect", "--checkpoint", str(eight), *QUIET_CPU], capsys
+    )
     assert status == 0 and tuple(_jsonl(out)[0]["probabilities"]) == data.AFFECTNET_CLASSES, err
     assert inference.authors_seven_class_default("affecnet7_epoch6_acc0.6569.pth")[0] == "affectnet7"
     assert inference.authors_seven_class_default("rafdb_epoch21_acc0.897_bacc0.8532.pth")[0] == "rafdb"
@@ -132,7 +143,7 @@ def test_annotate_draws_every_picture_and_out_file_is_not_overwritten(photos, ou
 
     out_file, folder = tmp_path / "faces.jsonl", tmp_path / "annotated"
     argv = [str(photos / "two.png"), str(photos / "coffee.jpg"), "--checkpoint", str(ours), "--out",
-            str(out_file), "--annotate", str(folder), *FAST]  # fmt: skip
+            str(out_file), "--annotate", str(folder), *QUIET_CPU]  # fmt: skip
     assert run_cli(predict.main, argv, capsys)[0] == 0
     assert sorted(p.name for p in folder.iterdir()) == ["coffee.jpg", "two.jpg"]
     drawn = np.asarray(Image.open(folder / "two.jpg"))
@@ -170,7 +181,10 @@ def _mistake(name: str, tmp, photos, ours) -> tuple[list[str], list[str]]:
         return [image], ["--checkpoint", "required"]
     if name == "annotate is a file":
         (tmp / "file.txt").write_text("x")
-        return [image, "--checkpoint", str(ours), "--annotate", str(tmp / "file.txt")], ["--annotate", "got a file"]
+        return [image, "--checkpoint", str(ours), "--annotate", str(tmp / "file.txt")], [
+            "--annotate",
+            "got a file",
+        ]
     if name == "nothing readable":
         (tmp / "broken.jpg").write_bytes(b"nope")
         return [str(tmp / "broken.jpg"), "--checkpoint", str(ours)], ["none of the 1 files", "broken.jpg"]
@@ -185,7 +199,7 @@ MISTAKES = ["missing input", "glob matches nothing", "missing checkpoint", "garb
 @pytest.mark.parametrize("name", MISTAKES)
 def test_a_mistake_is_one_line_and_status_1(name, tmp_path, photos, ours, capsys):
     argv, expected = _mistake(name, tmp_path, photos, ours)
-    status, out, err = run_cli(predict.main, [*argv, *FAST], capsys)
+    status, out, err = run_cli(predict.main, [*argv, *QUIET_CPU], capsys)
     lines = [line for line in err.strip().splitlines() if not line.startswith("warning: skipped")]
     assert status == 1 and out == "", err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
@@ -196,7 +210,7 @@ def test_a_mistake_is_one_line_and_status_1(name, tmp_path, photos, ours, capsys
 
 def test_an_unreadable_file_among_good_ones_is_reported_and_counted(photos, ours, tmp_path, capsys):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
-    argv = [str(tmp_path / "broken.png"), str(photos / "astronaut.jpg"), "--checkpoint", str(ours), *FAST]
+    argv = [str(tmp_path / "broken.png"), str(photos / "astronaut.jpg"), "--checkpoint", str(ours), *QUIET_CPU]
     status, out, err = run_cli(predict.main, argv, capsys)
     assert status == 0 and len(_jsonl(out)) == 1
     assert f"warning: skipped {tmp_path / 'broken.png'}: not an image file" in err
@@ -206,8 +220,8 @@ def test_an_unreadable_file_among_good_ones_is_reported_and_counted(photos, ours
 def test_the_script_itself(photos, ours, tmp_path):
     """The real command: JSON on stdout, and a one-line error with status 1."""
     script = str(EXAMPLES / "predict.py")
-    ok = subprocess.run([sys.executable, script, str(photos / "astronaut.jpg"), "--checkpoint", str(ours), *FAST],
-                        capture_output=True, text=True, timeout=240)  # fmt: skip
+    argv = [sys.executable, script, str(photos / "astronaut.jpg"), "--checkpoint", str(ours), *QUIET_CPU]
+    ok = subprocess.run(argv, capture_output=True, text=True, timeout=240)
     assert ok.returncode == 0, ok.stderr
     assert _jsonl(ok.stdout)[0]["face"] == 0
     bad = subprocess.run([sys.executable, script, str(tmp_path / "nope"), "--checkpoint", str(ours)],
