@@ -16,7 +16,9 @@ command runs:
 
 The command runs the stages one after the other in one thread of control, so faces/s
 end to end = 1 / (decode + detect per face + classify per face). OpenCV gets as many
-threads as torch (``cv2.setNumThreads``).
+threads as torch (``cv2.setNumThreads``). Times are medians of this process's CPU
+time (with one thread, robust to other processes taking the CPU away); the wall-clock
+medians are in the JSON (``*_wall``).
 
     python benchmarks/predict.py --threads 1
 """
@@ -25,9 +27,7 @@ from __future__ import annotations
 
 import copy
 import io
-import statistics
 import sys
-import time
 
 import _common as C
 import torch
@@ -58,29 +58,19 @@ def _portrait_jpeg(size: int) -> bytes:
     return buffer.getvalue()
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
-def _stage_times(args, recipe, jpeg_path) -> tuple[float, dict[float, float], list]:
-    """Decode ms, detect ms by scale factor (1.1: the default; 1.3: the authors' video demo), crops."""
+def _stage_times(args, recipe, jpeg_path) -> tuple[dict[str, dict[str, float]], list]:
+    """Decode and detect timings (detect at scale factor 1.1, the default, and 1.3, the authors' video
+    demo), interleaved; and the face crops."""
     _, faces, _, _, sources, _ = recipe
     rgb = sources.read_image(jpeg_path)
-    detect_ms = {}
+    fns = {"decode": lambda: sources.read_image(jpeg_path)}
     for scale_factor in (1.1, 1.3):
         detector = faces.FaceDetector(scale_factor=scale_factor)
         if not detector(rgb):
             raise SystemExit(f"predict benchmark: the cascade found no face at scale factor {scale_factor}")
-        detect_ms[scale_factor] = _median_ms(lambda d=detector: [faces.crop_face(rgb, b) for b in d(rgb)],
-                                             args.stage_repeats)  # fmt: skip
-    decode_ms = _median_ms(lambda: sources.read_image(jpeg_path), args.stage_repeats)
-    return decode_ms, detect_ms, [faces.crop_face(rgb, b) for b in faces.FaceDetector()(rgb)]
+        fns[f"detect_{scale_factor}"] = lambda d=detector: [faces.crop_face(rgb, b) for b in d(rgb)]
+    timings = C.time_interleaved(fns, repeats=args.stage_repeats, warmup=1)
+    return timings, [faces.crop_face(rgb, b) for b in faces.FaceDetector()(rgb)]
 
 
 def _classifiers(args, recipe):
@@ -92,6 +82,24 @@ def _classifiers(args, recipe):
     fast = dan_layers.reparameterize_model(copy.deepcopy(net)).to(memory_format=torch.channels_last)
     return {"fast": inference.FaceClassifier(fast, info, channels_last=True),
             "plain": inference.FaceClassifier(net, info)}  # fmt: skip
+
+
+def _row(batch: int, name: str, stages: dict, classify: dict, faces: int) -> dict:
+    """One table row: per-face milliseconds of each stage (CPU time, and wall time), faces/s."""
+    row = {"batch": batch, "variant": name, "rounds": classify[name]["n"]}
+    for clock, key in (("", "cpu_median_s"), ("_wall", "median_s")):
+        decode = 1e3 * stages["decode"][key] / faces
+        detect = 1e3 * stages["detect_1.1"][key] / faces
+        classify_ms = 1e3 * classify[name][key] / batch
+        total = decode + detect + classify_ms
+        speedup = classify["plain"][key] / classify["fast"][key] if name == "fast" else None
+        row.update({
+            f"decode_ms_per_face{clock}": decode, f"detect_ms_per_face{clock}": detect,
+            f"classify_ms_per_face{clock}": classify_ms, f"faces_per_s{clock}": 1e3 / total,
+            f"classify_faces_per_s{clock}": 1e3 / classify_ms, f"classify_share{clock}": classify_ms / total,
+            f"fast_speedup{clock}": speedup,
+        })  # fmt: skip
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -113,10 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     jpeg_path.write_bytes(_portrait_jpeg(args.picture_size))
     try:
-        decode_ms, detect_by_scale, crops = _stage_times(args, recipe, jpeg_path)
+        stages, crops = _stage_times(args, recipe, jpeg_path)
     finally:
         jpeg_path.unlink()
-    detect_ms = detect_by_scale[1.1]
     classifiers = _classifiers(args, recipe)
     repeats = args.repeats or (2 if args.quick else 10)
     rows, parity = [], 0.0
@@ -129,15 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         t = C.time_interleaved(fns, repeats=repeats, warmup=1, budget_s=None if args.quick else args.budget,
                                min_repeats=2 if args.quick else 3)  # fmt: skip
         for name in classifiers:
-            classify_ms = 1e3 * t[name]["median_s"] / batch
-            per_face = (decode_ms + detect_ms) / len(crops) + classify_ms
-            rows.append({
-                "batch": batch, "variant": name, "decode_ms_per_face": decode_ms / len(crops),
-                "detect_ms_per_face": detect_ms / len(crops), "classify_ms_per_face": classify_ms,
-                "faces_per_s": 1e3 / per_face, "classify_faces_per_s": 1e3 / classify_ms,
-                "classify_share": classify_ms / per_face, "rounds": t[name]["n"],
-                "fast_speedup": t["plain"]["median_s"] / t["fast"]["median_s"] if name == "fast" else None,
-            })  # fmt: skip
+            rows.append(_row(batch, name, stages, t, len(crops)))
         C.print_table([r for r in rows if r["batch"] == batch],
                       ["batch", "variant", "decode_ms_per_face", "detect_ms_per_face", "classify_ms_per_face",
                        "faces_per_s", "classify_share", "fast_speedup"],
@@ -156,12 +155,14 @@ def main(argv: list[str] | None = None) -> dict:
             "quick": args.quick,
             "stage_repeats": args.stage_repeats,
             "repeats_max": repeats,
-            "timing": "decode and detect: median of repeated calls; classify: fast and plain interleaved, "
-            "median per batch; end to end = sum of the stages per face",
+            "timing": "decode and detect interleaved, classify fast and plain interleaved per batch; medians "
+            "of this process's CPU time (one thread: robust to other processes; *_wall: wall clock); "
+            "end to end = sum of the stages per face",
         },  # fmt: skip
         "summary": {
             "logits_rel_err_fast_vs_plain": parity,
-            "detect_ms_per_picture_scale_factor_1_3": detect_by_scale[1.3],
+            "detect_ms_per_picture_scale_factor_1_3": 1e3 * stages["detect_1.3"]["cpu_median_s"],
+            "stages": stages,
         },
         "rows": rows,
     }

@@ -212,6 +212,8 @@ def sec_predict(d: dict) -> str:
                           ("detect_ms_per_face", "detect ms / face", lambda v: f"{v:.1f}"),
                           ("classify_ms_per_face", "classify ms / face", lambda v: f"{v:.1f}"),
                           ("faces_per_s", "faces/s end to end", lambda v: f"{v:.1f}"),
+                          ("faces_per_s_wall", "faces/s (wall clock)",
+                           lambda v: "-" if v is None else f"{v:.1f}"),
                           ("classify_faces_per_s", "faces/s classify only", lambda v: f"{v:.1f}"),
                           ("classify_share", "classify share", lambda v: f"{100 * v:.0f}%"),
                           ("fast_speedup", "fast / plain (classify)", ratio)]
@@ -219,7 +221,8 @@ def sec_predict(d: dict) -> str:
     return (f"A {c['picture_size']} x {c['picture_size']} JPEG portrait with {c['faces_per_picture']} face, "
             f"the authors' DAN at {c['image_size']} px (random weights). `fast` is predict.py's default "
             "(re-parameterized attention, channels-last), `plain` is `--no-fast`. End to end = decode + detect "
-            "+ classify per face, the stages running one after the other as in the command. OpenCV ran "
+            "+ classify per face, the stages running one after the other as in the command; times are CPU time "
+            "of the process (one thread), the wall-clock faces/s beside them. OpenCV ran "
             f"{d['env'].get('opencv_threads', '?')} thread(s) (OpenCV {d['env'].get('opencv', '?')})."
             + ("" if parity is None else f" Logits of fast vs plain: relative difference {parity:.1e}.")
             + (" Detection at `--scale-factor 1.3` (the authors' video demo, which in the guide's probe missed "
