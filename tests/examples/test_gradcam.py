@@ -159,3 +159,18 @@ def test_one_head_and_bad_targets():
     with pytest.raises(ValueError, match="target"):
         head_maps.explain_heads(net, torch.randn(2, 3, 64, 64), target=[0, 1, 2])
     assert head_maps.upsample_maps(maps.gradcam, 16).shape == (3, 1, 16, 16)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="test requires cuda")
+def test_cuda_gives_the_maps_of_the_cpu(monkeypatch):
+    # full float32 on the GPU (no TF32), so that CUDA's grouped convolutions meet the CPU path's maps
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    net = _dan(num_heads=4, seed=5)
+    x = torch.randn(2, 3, 64, 64)
+    cpu = head_maps.explain_heads(net, x)
+    cuda = head_maps.explain_heads(copy.deepcopy(net).cuda(), x.cuda())
+    assert torch.equal(cuda.target, cpu.target)
+    torch.testing.assert_close(cuda.attention, cpu.attention, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(cuda.gradcam, cpu.gradcam, rtol=1e-3, atol=1e-3 * float(cpu.gradcam.max()))
