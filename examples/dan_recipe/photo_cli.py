@@ -225,6 +225,7 @@ class PhotoRun:
     def pictures(self) -> Iterator[Picture]:
         """Every picture of the run, in order; unreadable files are reported and skipped."""
         by_name = {str(s.path): s for s in self.sources}
+        self.bar.reset(total=self.bar.total)  # the clock starts now, not before the model was loaded
         for picture in iter_pictures(
             self.sources, every=self.every, on_unreadable=self._skip, on_source=self._done
         ):
