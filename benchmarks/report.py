@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["heads_train", "heads_inference", "affinity", "dan_throughput", "dan_memory"]
+ORDER = ["heads_train", "heads_inference", "affinity", "dan_throughput", "dan_memory", "predict"]
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -205,12 +205,40 @@ def sec_dan_memory(d: dict) -> str:
     return out
 
 
+def sec_predict(d: dict) -> str:
+    c = d["config"]
+    cols: list[Column] = [("batch", "batch", _num), ("variant", "model", str),
+                          ("decode_ms_per_face", "decode ms / face", lambda v: f"{v:.1f}"),
+                          ("detect_ms_per_face", "detect ms / face", lambda v: f"{v:.1f}"),
+                          ("classify_ms_per_face", "classify ms / face", lambda v: f"{v:.1f}"),
+                          ("faces_per_s", "faces/s end to end", lambda v: f"{v:.1f}"),
+                          ("faces_per_s_wall", "faces/s (wall clock)",
+                           lambda v: "-" if v is None else f"{v:.1f}"),
+                          ("classify_faces_per_s", "faces/s classify only", lambda v: f"{v:.1f}"),
+                          ("classify_share", "classify share", lambda v: f"{100 * v:.0f}%"),
+                          ("fast_speedup", "fast / plain (classify)", ratio)]
+    parity = d.get("summary", {}).get("logits_rel_err_fast_vs_plain")
+    return (f"A {c['picture_size']} x {c['picture_size']} JPEG portrait with {c['faces_per_picture']} face, "
+            f"the authors' DAN at {c['image_size']} px (random weights). `fast` is predict.py's default "
+            "(re-parameterized attention, channels-last), `plain` is `--no-fast`. End to end = decode + detect "
+            "+ classify per face, the stages running one after the other as in the command; times are CPU time "
+            "of the process (one thread), the wall-clock faces/s beside them. OpenCV ran "
+            f"{d['env'].get('opencv_threads', '?')} thread(s) (OpenCV {d['env'].get('opencv', '?')})."
+            + ("" if parity is None else f" Logits of fast vs plain: relative difference {parity:.1e}.")
+            + (" Detection at `--scale-factor 1.3` (the authors' video demo, which in the guide's probe missed "
+               f"a 36 px face that 1.1 finds): {d['summary']['detect_ms_per_picture_scale_factor_1_3']:.1f} ms "
+               "per picture."
+               if "detect_ms_per_picture_scale_factor_1_3" in d.get("summary", {}) else "")
+            + "\n\n" + md_table(d["rows"], cols))
+
+
 SECTIONS = {
     "heads_train": ("Q1. Attention heads, training step (forward + backward)", sec_heads_train),
     "heads_inference": ("Q2. Attention heads, inference: re-parameterization", sec_heads_inference),
     "affinity": ("Q3. AffinityLoss: gathered distances vs the B x N distance matrix", sec_affinity),
     "dan_throughput": ("Q4. Whole DAN throughput", sec_dan_throughput),
     "dan_memory": ("Q5. Memory of a training step", sec_dan_memory),
+    "predict": ("Q6. DAN on photos: faces/s end to end", sec_predict),
 }
 
 
@@ -316,7 +344,29 @@ def plot_all(results: dict[str, dict], out: Path) -> list[Path]:
                 axes[1].set_ylabel("allocator peak of a step, MiB")
                 axes[1].set_title(f"DAN training step, B={d['config']['batch']}")
             save(fig, f"dan_memory{tag}.png")
+        elif base == "predict":
+            save(plot_predict(plt, rows), f"predict{tag}.png")
     return written
+
+
+def plot_predict(plt: Any, rows: Sequence[dict]) -> Any:
+    """Milliseconds per face, stacked decode / detect / classify, per batch and model."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    labels = [f"{r['variant']}, batch {r['batch']}" for r in rows]
+    left = [0.0] * len(rows)
+    for key, name in (("decode_ms_per_face", "decode"), ("detect_ms_per_face", "detect"),
+                      ("classify_ms_per_face", "classify")):
+        values = [r[key] for r in rows]
+        ax.barh(labels, values, left=left, label=name)
+        left = [a + b for a, b in zip(left, values, strict=True)]
+    for y, (total, r) in enumerate(zip(left, rows, strict=True)):
+        ax.text(total, y, f" {r['faces_per_s']:.1f} faces/s", va="center", fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per face")
+    ax.set_xlim(right=max(left) * 1.3)
+    ax.set_title("predict.py stages per face")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
+    return fig
 
 
 def paired_bars(ax: Any, labels: Sequence[str], left: tuple[str, Sequence[float]],

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["heads_train", "heads_inference", "affinity", "dan_throughput", "dan_memory"]
+SCRIPTS = ["heads_train", "heads_inference", "affinity", "dan_throughput", "dan_memory", "predict"]
 
 
 def main(argv: list[str] | None = None) -> int:

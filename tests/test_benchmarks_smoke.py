@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
-SCRIPTS = ["heads_train", "heads_inference", "affinity", "dan_throughput", "dan_memory"]
+SCRIPTS = ["heads_train", "heads_inference", "affinity", "dan_throughput", "dan_memory", "predict"]
 
 
 @pytest.mark.slow
@@ -39,6 +39,9 @@ def test_all_benchmarks_run_quick_and_report(tmp_path):
     assert inference["summary"]["all_equal_within_tol"], inference["summary"]
     train = json.loads((tmp_path / "heads_train.json").read_text())
     assert all(r["rel_err_out"] < 1e-5 and r["rel_err_input_grad"] < 1e-5 for r in train["rows"])
+    photos = json.loads((tmp_path / "predict.json").read_text())
+    assert {r["variant"] for r in photos["rows"]} == {"fast", "plain"}
+    assert photos["summary"]["logits_rel_err_fast_vs_plain"] < 1e-4
     md = (tmp_path / "RESULTS.md").read_text()
     for name in SCRIPTS:
         assert (tmp_path / f"{name}.png").stat().st_size > 0

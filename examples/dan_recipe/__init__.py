@@ -21,6 +21,14 @@ Weight files
     ``checkpoints`` (our format, atomic writes, RNG state, and ``load_model`` for
     ours and the authors' checkpoints), ``weights`` (safe loading, torchvision
     backbones, the authors' key layout).
+Photos and videos (``predict.py``, ``explain.py``)
+    ``sources`` (inputs expanded, images and video frames read), ``faces`` (Haar
+    detection, crops), ``face_pipeline`` (faces per picture, batches),
+    ``inference`` (a checkpoint for the photo commands, ``FaceClassifier``),
+    ``predict_output`` (records as JSON Lines / CSV), ``annotate``,
+    ``output_folder``, ``gradcam`` (Grad-CAM++), ``head_maps`` (per-head maps),
+    ``head_figure``, ``photo_cli`` (shared flags, a run's bookkeeping),
+    ``predict_run`` and ``explain_run`` (the two commands).
 
 For inference::
 

@@ -1,0 +1,132 @@
+r"""Grad-CAM++ (Chattopadhyay et al., WACV 2018, https://arxiv.org/abs/1710.11063), written here.
+
+For activations $A^k$ of channel $k$ of a target layer and a class score $S$, with
+gradients $g^k_{ij} = \partial S / \partial A^k_{ij}$, Grad-CAM++ weighs each channel by
+
+$$w_k = \sum_{ij} \alpha^k_{ij}\,\mathrm{ReLU}(g^k_{ij}), \qquad
+  \alpha^k_{ij} = \frac{(g^k_{ij})^2}{2 (g^k_{ij})^2 + \sum_{ab} A^k_{ab}\,(g^k_{ij})^3}$$
+
+and the map is $L_{ij} = \mathrm{ReLU}(\sum_k w_k A^k_{ij})$. The $\alpha$ above is
+the paper's Eq. 19: its general $\alpha$ (Eq. 10, built from the second and third
+derivatives of the score) for the score $Y = \exp(S)$, where the derivatives of $Y$
+are powers of $g$ once $S$ is piecewise linear in $A$ (a ReLU network). It is what
+the common implementations compute, pytorch-grad-cam's (used by the DAN authors'
+``run_grad_cam.py``) included, whether or not the layers after $A$ are piecewise
+linear; in DAN they are not (sigmoid gates, log-softmax over heads), so, there as
+there, the closed form is the method's definition rather than Eq. 10 exactly.
+Where the denominator is 0 (``g = 0``), $\alpha = 0$.
+
+* :func:`gradcam_plus_plus_weights` and :func:`gradcam_plus_plus` work on any
+  leading dimensions (``(..., C, H, W)``), so DAN's ``K`` heads are computed
+  together, each head from its own channels.
+* :class:`OutputRecorder` keeps a module's forward output (the first tensor of a
+  tuple output), to differentiate a score with respect to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["OutputRecorder", "gradcam_plus_plus", "gradcam_plus_plus_weights"]
+
+
+def _check_pair(activations: Tensor, gradients: Tensor) -> None:
+    if activations.ndim < 3:
+        raise ValueError(f"activations: expected (..., C, H, W), got shape {tuple(activations.shape)}")
+    if activations.shape != gradients.shape:
+        raise ValueError(
+            f"gradients: expected the activations' shape {tuple(activations.shape)}, "
+            f"got {tuple(gradients.shape)}"
+        )
+
+
+def gradcam_plus_plus_weights(activations: Tensor, gradients: Tensor) -> Tensor:
+    r"""Grad-CAM++ channel weights $w_k$ (see the module docstring).
+
+    Args:
+        activations: $A$, ``(..., C, H, W)``.
+        gradients: $\partial S / \partial A$, same shape.
+
+    Returns:
+        ``(..., C)``.
+
+    Raises:
+        ValueError: Shapes that differ or have fewer than 3 dimensions.
+    """
+    _check_pair(activations, gradients)
+    g2 = gradients.square()
+    g3 = g2 * gradients
+    total = activations.sum(dim=(-2, -1), keepdim=True)
+    denominator = 2 * g2 + total * g3
+    safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+    alpha = torch.where(denominator == 0, torch.zeros_like(g2), g2 / safe)
+    return (alpha * gradients.clamp_min(0)).sum(dim=(-2, -1))
+
+
+def gradcam_plus_plus(activations: Tensor, gradients: Tensor) -> Tensor:
+    r"""The Grad-CAM++ map $\mathrm{ReLU}(\sum_k w_k A^k)$, unnormalised.
+
+    Args:
+        activations: ``(..., C, H, W)``.
+        gradients: Same shape.
+
+    Returns:
+        ``(..., H, W)``, non-negative.
+
+    Example:
+        >>> a = torch.rand(2, 3, 4, 4)
+        >>> gradcam_plus_plus(a, torch.ones_like(a)).shape
+        torch.Size([2, 4, 4])
+    """
+    weights = gradcam_plus_plus_weights(activations, gradients)
+    return torch.einsum("...c,...chw->...hw", weights, activations).clamp_min(0)
+
+
+class OutputRecorder:
+    """Keeps the forward output of ``module`` while the ``with`` block runs.
+
+    ``output`` is the module's output of its latest call (the first element when the
+    module returns a tuple, e.g. ``SpatialAttention(return_attention=True)``'s
+    ``(attended, maps)``). The recorded tensor is the one the rest of the model
+    uses, so ``torch.autograd.grad(score, recorder.output)`` is the gradient the
+    target layer receives.
+
+    Args:
+        module: The target layer.
+
+    Example:
+        >>> layer = nn.Conv2d(1, 2, 3)
+        >>> with OutputRecorder(layer) as rec:
+        ...     _ = layer(torch.randn(1, 1, 5, 5))
+        >>> rec.output.shape
+        torch.Size([1, 2, 3, 3])
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._output: Tensor | None = None
+        self._handle: Any = None
+
+    @property
+    def output(self) -> Tensor:
+        """The recorded output.
+
+        Raises:
+            RuntimeError: The module has not run inside the block.
+        """
+        if self._output is None:
+            raise RuntimeError(f"OutputRecorder: {type(self.module).__name__} has not run inside the block")
+        return self._output
+
+    def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        self._output = output[0] if isinstance(output, (tuple, list)) else output
+
+    def __enter__(self) -> OutputRecorder:
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
