@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "num_heads": 4,
     "affinity": "affinity",
     "partition": "paper",
+    "partition_normalize": False,
     "lambda_af": 1.0,
     "lambda_pt": 1.0,
     "num_centers": None,  # None -> num_classes
@@ -153,7 +154,10 @@ PRESET_FOR_DATA = {
 }
 
 #: Settings an --eval-only run takes from one of our checkpoints (the model must fit it).
-MODEL_KEYS = ("num_heads", "affinity", "partition", "num_centers", "lambda_af", "lambda_pt", "label_smoothing")
+MODEL_KEYS = (
+    "num_heads", "affinity", "partition", "partition_normalize", "num_centers", "lambda_af", "lambda_pt",
+    "label_smoothing",
+)  # fmt: skip
 #: ... and these unless given as flags (which test set, read how).
 DATA_KEYS = ("data", "data_root", "image_size", "num_classes", "synthetic_test", "seed")
 
@@ -264,6 +268,11 @@ def _add_model_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--num-heads", type=int)
     g.add_argument("--affinity", choices=["affinity", "center", "none"])
     g.add_argument("--partition", choices=["paper", "official", "none"])
+    g.add_argument(
+        "--partition-normalize",
+        action=bo,
+        help="scale-invariant partition loss: each head at unit RMS first (ours, not the paper's)",
+    )
     g.add_argument("--lambda-af", type=float)
     g.add_argument("--lambda-pt", type=float)
     g.add_argument("--num-centers", type=int, help="centres (authors: 8 on RAF-DB)")

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+import dan_layers.functional as DF
+
 from .distributed import Dist
 from .errors import UserError
 from .model import DANWithLosses
@@ -34,20 +36,40 @@ class RunningMetrics:
     def __init__(self, num_classes: int, device: torch.device) -> None:
         self.cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
         self.loss_sums = torch.zeros(4, dtype=torch.float64, device=device)
+        #: sums over the samples of (head overlap, heads' mean feature norm, samples with maps)
+        self.head_sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.overlap_defined = True
 
     def update(self, out: Mapping[str, Tensor], labels: Tensor) -> None:
-        """Add a batch: ``out`` of :class:`~dan_recipe.model.DANWithLosses` and its labels."""
+        """Add a batch: ``out`` of :class:`~dan_recipe.model.DANWithLosses` and its labels.
+
+        With ``maps`` and ``raw_heads`` in ``out`` (``details=True``) it also sums each
+        sample's :func:`dan_layers.functional.head_overlap` and its heads' mean L2 norm.
+        """
         n = self.cm.shape[0]
         pred = out["logits"].argmax(1)
         self.cm += torch.bincount(labels * n + pred, minlength=n * n).view(n, n)
         parts = torch.stack([out["loss"].detach(), out["ce"], out["affinity"], out["partition"]])
         self.loss_sums += parts.double() * labels.shape[0]
+        if "maps" in out:
+            maps, raw = out["maps"], out["raw_heads"]
+            self.overlap_defined = maps.shape[1] >= 2
+            if self.overlap_defined:
+                self.head_sums[0] += DF.head_overlap(maps, reduction="none", validate=False).double().sum()
+            self.head_sums[1] += raw.double().norm(dim=-1).mean(dim=1).sum()
+            self.head_sums[2] += labels.shape[0]
 
     def summary(self, ranks: Dist) -> dict[str, Any]:
-        """Sum over the ranks, then accuracy, balanced accuracy and mean losses."""
+        """Sum over the ranks, then accuracy, balanced accuracy, mean losses (and head measures)."""
         ranks.all_reduce_(self.cm)
         ranks.all_reduce_(self.loss_sums)
-        return summarise_split(self.cm, self.loss_sums, int(self.cm.sum()))
+        ranks.all_reduce_(self.head_sums)
+        out = summarise_split(self.cm, self.loss_sums, int(self.cm.sum()))
+        if float(self.head_sums[2]) > 0:
+            seen = float(self.head_sums[2])
+            out["head_overlap"] = float(self.head_sums[0]) / seen if self.overlap_defined else None
+            out["head_norm"] = float(self.head_sums[1]) / seen
+        return out
 
 
 @dataclass
@@ -143,8 +165,11 @@ def evaluate(
     """Metrics of ``net`` in eval mode over every sample of ``loader`` (all ranks together).
 
     Returns:
-        :func:`~dan_recipe.reporting.summarise_split`'s dict; ``samples`` is 0 (and
-        the accuracies ``nan``) when no image of the split could be read.
+        :func:`~dan_recipe.reporting.summarise_split`'s dict, plus ``head_overlap``
+        (:func:`dan_layers.functional.head_overlap` of the spatial maps, mean over
+        the samples; ``None`` with one head) and ``head_norm`` (the mean L2 norm of
+        a head's feature vector before the log-softmax); ``samples`` is 0 (and the
+        accuracies ``nan``) when no image of the split could be read.
     """
     was_training = net.training
     net.eval()
@@ -155,7 +180,7 @@ def evaluate(
                 continue
             x, y = _to_device(batch, device, channels_last)
             with autocast():
-                out = net(x, y)
+                out = net(x, y, details=True)
             metrics.update(out, y)
     finally:
         net.train(was_training)

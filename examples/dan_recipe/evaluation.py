@@ -31,8 +31,8 @@ def _take_settings(current: Run, raw: Mapping[str, Any]) -> None:
     """Copy the model settings (always) and data settings (unless flagged) of one of our checkpoints."""
     cfg, sources = current.cfg, current.sources
     saved = dict(raw["args"])
-    for k in config.MODEL_KEYS:
-        cfg[k], sources[k] = saved[k], "checkpoint"
+    for k in config.MODEL_KEYS:  # a key newer than the checkpoint keeps its default
+        cfg[k], sources[k] = saved.get(k, config.DEFAULTS[k]), "checkpoint"
     for k in config.DATA_KEYS:
         if sources.get(k) != "flag" and k in saved:
             cfg[k], sources[k] = saved[k], "checkpoint"

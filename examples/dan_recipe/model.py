@@ -10,11 +10,12 @@ No side effects on import; needs neither torchvision nor a download:
   here with torchvision's parameter names, so a torchvision-format ResNet-18 file
   (for example the MS-Celeb ``resnet18_msceleb.pth`` the authors start from) loads
   into it with :func:`dan_recipe.weights.load_backbone_weights`.
-* :class:`DAN` = backbone + :class:`dan_layers.MultiHeadAttentionBlock` +
-  :class:`dan_layers.AttentionFusion`; ``forward`` returns
-  ``(logits, feature_map, scaled_heads)`` like the authors' model.
-* :class:`DANWithLosses` holds a :class:`DAN` and its losses in one module, which is
-  what training (and DistributedDataParallel) works on.
+* :class:`DAN` = backbone + :class:`dan_layers.DANHead` (multi-head attention +
+  fusion); ``forward`` returns ``(logits, feature_map, scaled_heads)`` like the
+  authors' model.
+* :class:`DANWithLosses` is a :class:`dan_layers.DANLoss` holding the :class:`DAN`
+  it trains, one module, which is what training (and DistributedDataParallel)
+  works on.
 
 Weight files (ours and the authors') are read by :mod:`dan_recipe.checkpoints` and
 :mod:`dan_recipe.weights`; :func:`dan_recipe.checkpoints.load_model` is the one call
@@ -30,7 +31,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import dan_layers
@@ -114,8 +114,13 @@ class ResNet18Features(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
-class DAN(nn.Module):
-    """Distract your Attention Network: ResNet-18 trunk, K attention heads, fusion.
+class DAN(dan_layers.DANHead):
+    """Distract your Attention Network: ResNet-18 trunk + :class:`dan_layers.DANHead`.
+
+    A :class:`dan_layers.DANHead` (K attention heads and their fusion) with the
+    ResNet-18 trunk in front, so the state-dict keys are ``backbone.*``,
+    ``attention.*`` and ``fusion.*``, as they have always been. Unlike the head,
+    ``forward`` takes images.
 
     Args:
         num_classes: number of expression classes N.
@@ -143,26 +148,35 @@ class DAN(nn.Module):
         channel_reduction: int = 16,
         in_channels: int = 3,
     ) -> None:
-        super().__init__()
-        self.num_classes = int(num_classes)
-        self.num_heads = int(num_heads)
+        super().__init__(
+            ResNet18Features.out_channels,
+            int(num_classes),
+            num_heads=int(num_heads),
+            spatial_reduction=int(spatial_reduction),
+            channel_reduction=int(channel_reduction),
+        )
         self.spatial_reduction = int(spatial_reduction)
         self.channel_reduction = int(channel_reduction)
         self.backbone = ResNet18Features(in_channels)
-        feat = ResNet18Features.out_channels
-        self.attention = dan_layers.MultiHeadAttentionBlock(
-            feat,
-            num_heads,
-            spatial_reduction=spatial_reduction,
-            channel_reduction=channel_reduction,
-        )
-        self.fusion = dan_layers.AttentionFusion(feat, num_classes)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
         feature_map = self.backbone(x)
-        heads = self.attention(feature_map)
-        logits, scaled_heads = self.fusion(heads)
+        logits, scaled_heads = super().forward(feature_map)
         return logits, feature_map, scaled_heads
+
+    def forward_details(self, x: Tensor) -> dict[str, Tensor]:
+        """The forward triple and what lies between, as a dict.
+
+        Keys: ``logits``, ``feature_map``, ``heads`` (scaled, what the partition loss
+        takes), ``raw_heads`` (before the log-softmax, ``(B, K, 512)``) and the heads'
+        spatial ``maps`` ``(B, K, H/32, W/32)``.
+        """
+        feature_map = self.backbone(x)
+        raw_heads, maps = self.attention(feature_map, return_attention=True)
+        logits, heads = self.fusion(raw_heads)
+        return {
+            "logits": logits, "feature_map": feature_map, "heads": heads, "raw_heads": raw_heads, "maps": maps,
+        }  # fmt: skip
 
     @torch.no_grad()
     def attention_maps(self, x: Tensor) -> Tensor:
@@ -218,12 +232,13 @@ def count_macs(model: nn.Module, x: Tensor) -> int:
 # --------------------------------------------------------------------------------------
 
 
-class DANWithLosses(nn.Module):
+class DANWithLosses(dan_layers.DANLoss):
     """DAN and its losses in one module, so that DDP also synchronises the loss centres.
 
-    ``forward(images, labels)`` returns a dict: ``loss`` (the total, to backpropagate),
-    ``ce``, ``affinity``, ``partition`` (detached parts) and ``logits`` (detached).
-    The losses are computed in float32 even under autocast.
+    A :class:`dan_layers.DANLoss` that holds the :class:`DAN` it trains:
+    ``forward(images, labels)`` returns a dict: ``loss`` (the total, to
+    backpropagate), ``ce``, ``affinity``, ``partition`` (detached parts) and
+    ``logits`` (detached). The losses are computed in float32 even under autocast.
 
     Total loss = CE + lambda_af * affinity (or center) loss + lambda_pt * partition loss.
     State-dict keys: ``model.*`` (the :class:`DAN`) and ``affinity.centers``.
@@ -232,6 +247,7 @@ class DANWithLosses(nn.Module):
         model: The network.
         affinity: ``"affinity"``, ``"center"`` or ``"none"``.
         partition: ``"paper"``, ``"official"`` or ``"none"``.
+        partition_normalize: The scale-invariant partition loss (``normalize=True``).
         lambda_af: Weight of the affinity (or center) loss.
         lambda_pt: Weight of the partition loss.
         num_centers: Affinity loss centres (default: one per class).
@@ -247,58 +263,41 @@ class DANWithLosses(nn.Module):
         *,
         affinity: str = "affinity",
         partition: str = "paper",
+        partition_normalize: bool = False,
         lambda_af: float = 1.0,
         lambda_pt: float = 1.0,
         num_centers: int | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            model.num_classes,
+            model.fusion.fc.in_features,
+            lambda_af=lambda_af,
+            lambda_pt=lambda_pt,
+            affinity=affinity,  # type: ignore[arg-type]
+            partition=partition,  # type: ignore[arg-type]
+            normalize=partition_normalize,
+            num_centers=num_centers,
+            label_smoothing=label_smoothing,
+        )
         self.model = model
-        feat_dim = model.fusion.fc.in_features
-        self.affinity: nn.Module | None
-        if affinity == "affinity":
-            self.affinity = dan_layers.AffinityLoss(model.num_classes, feat_dim, num_centers=num_centers)
-        elif affinity == "center":
-            if num_centers not in (None, model.num_classes):
-                raise ValueError(
-                    f"--num-centers: center loss expects one centre per class "
-                    f"({model.num_classes}), got {num_centers}"
-                )
-            self.affinity = dan_layers.CenterLoss(model.num_classes, feat_dim)
-        elif affinity == "none":
-            self.affinity = None
-        else:
-            raise ValueError(f"affinity: expected affinity|center|none, got {affinity!r}")
-        self.partition: nn.Module | None
-        if partition in ("paper", "official"):
-            self.partition = dan_layers.PartitionLoss(partition)
-        elif partition == "none":
-            self.partition = None
-        else:
-            raise ValueError(f"partition: expected paper|official|none, got {partition!r}")
-        self.lambda_af = float(lambda_af)
-        self.lambda_pt = float(lambda_pt)
-        self.label_smoothing = float(label_smoothing)
 
     def loss_parameters(self) -> list[nn.Parameter]:
         """The losses' own parameters (the centres), for their optimizer group."""
         return [] if self.affinity is None else list(self.affinity.parameters())
 
-    def forward(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        logits, feature_map, heads = self.model(images)
-        with torch.autocast(device_type=images.device.type, enabled=False):
-            ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-            zero = ce.new_zeros(())
-            af = self.affinity(feature_map.float(), labels) if self.affinity is not None else zero
-            pt = self.partition(heads.float()) if self.partition is not None else zero
-            loss = ce + self.lambda_af * af + self.lambda_pt * pt
-        return {
-            "loss": loss,
-            "ce": ce.detach(),
-            "affinity": af.detach(),
-            "partition": pt.detach(),
-            "logits": logits.detach(),
-        }
+    def forward(  # type: ignore[override]
+        self, images: Tensor, labels: Tensor, *, details: bool = False
+    ) -> dict[str, Tensor]:
+        """The losses; with ``details=True`` also ``maps`` and ``raw_heads`` (detached)."""
+        if not details:
+            logits, feature_map, heads = self.model(images)
+            out = super().forward(logits, feature_map, heads, labels)
+            return {**out._asdict(), "logits": logits.detach()}
+        d = self.model.forward_details(images)
+        out = super().forward(d["logits"], d["feature_map"], d["heads"], labels)
+        extra = {k: d[k].detach() for k in ("logits", "maps", "raw_heads")}
+        return {**out._asdict(), **extra}
 
 
 def build_model_with_losses(cfg: Mapping[str, Any], num_classes: int) -> DANWithLosses:
@@ -317,6 +316,7 @@ def build_model_with_losses(cfg: Mapping[str, Any], num_classes: int) -> DANWith
         model,
         affinity=cfg["affinity"],
         partition=cfg["partition"],
+        partition_normalize=cfg.get("partition_normalize", False),
         lambda_af=cfg["lambda_af"],
         lambda_pt=cfg["lambda_pt"],
         num_centers=cfg["num_centers"],

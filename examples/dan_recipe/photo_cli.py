@@ -27,7 +27,7 @@ from .face_pipeline import FacesInPicture, find_faces, group_for_batches
 from .faces import DEFAULT_MARGIN, DEFAULT_MIN_FACE, FaceDetector
 from .inference import FaceClassifier, load_checkpoint_for_inference
 from .model import DAN
-from .runtime import apply_threads, pick_device, stderr_is_terminal
+from .runtime import pick_device, set_threads_once, stderr_is_terminal
 from .sources import Picture, Source, iter_pictures, video_frame_count
 
 __all__ = [
@@ -159,7 +159,7 @@ def check_shared_flags(args: argparse.Namespace) -> None:
 
 def open_model(args: argparse.Namespace, log: Any) -> tuple[DAN, ModelInfo, FaceClassifier]:
     """Threads, device, the model of ``--checkpoint`` and its :class:`FaceClassifier`."""
-    apply_threads(args.threads, log)
+    set_threads_once(args.threads, log)
     device = pick_device(args.device, Dist())
     model, info = load_checkpoint_for_inference(
         args.checkpoint, labels=args.labels, device=device, fast=args.fast, log=log

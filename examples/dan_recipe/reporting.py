@@ -195,6 +195,10 @@ def epoch_line(
     )
     if val is not None and val["samples"] > 0:
         msg += f" | val loss {val['loss']:.4f} acc {val['accuracy']:.4f} bacc {val['balanced_accuracy']:.4f}"
+        if val.get("head_overlap") is not None:
+            msg += f" overlap {val['head_overlap']:.3f}"
+        if val.get("head_norm") is not None:
+            msg += f" head norm {val['head_norm']:.3g}"
     elif val is not None:
         msg += " | val: no readable image"
     return msg + f" | lr {lr:.2e} | {seconds:.1f}s" + (" *" if improved else "")
@@ -347,7 +351,9 @@ def recipe_description(cfg: Mapping[str, Any], sched_interval: str, amp_dtype: t
         f"class-balanced sampler {'on' if cfg['balanced_sampler'] else 'off'}",
         f"feature loss {cfg['affinity']} x {cfg['lambda_af']}"
         + (f", {cfg['num_centers']} centres" if cfg["num_centers"] else ""),
-        f"partition loss {cfg['partition']} x {cfg['lambda_pt']}",
+        f"partition loss {cfg['partition']}"
+        + (" (normalized)" if cfg.get("partition_normalize") else "")
+        + f" x {cfg['lambda_pt']}",
         f"{cfg['num_heads']} attention heads",
         f"label smoothing {cfg['label_smoothing']}",
         f"model selection on validation {cfg['select_metric']} (val fraction {cfg['val_fraction']})",

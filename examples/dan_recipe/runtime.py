@@ -35,6 +35,7 @@ __all__ = [
     "environment",
     "pick_device",
     "seed_everything",
+    "set_threads_once",
     "stderr_is_terminal",
 ]
 
@@ -163,6 +164,16 @@ def apply_threads(setting: int | str | None) -> None:
     """``torch.set_num_threads`` for a fixed ``--threads`` (a count; ``None`` leaves torch's)."""
     if setting and setting != "auto":
         torch.set_num_threads(int(setting))
+
+
+def set_threads_once(setting: int | str | None, log: Callable[[str], None]) -> None:
+    """``--threads`` of a short command (predict, explain): ``"auto"`` is decided once, now."""
+    if setting != "auto":
+        apply_threads(setting)
+        return
+    n_threads, why = auto_threads()
+    torch.set_num_threads(n_threads)
+    log(f"threads: {n_threads} (auto: {why})")
 
 
 def pick_device(spec: str, ranks: Dist) -> torch.device:

@@ -227,3 +227,15 @@ def test_the_script_itself(photos, ours, tmp_path):
     bad = subprocess.run([sys.executable, script, str(tmp_path / "nope"), "--checkpoint", str(ours)],
                          capture_output=True, text=True, timeout=240)  # fmt: skip
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
+
+
+def test_threads_auto_is_decided_once_and_said(photos, ours, capsys):
+    before = torch.get_num_threads()
+    argv = [str(photos / "astronaut.jpg"), "--checkpoint", str(ours), "--threads", "auto", "--no-progress"]
+    try:
+        status, out, err = run_cli(predict.main, argv, capsys)
+    finally:
+        torch.set_num_threads(before)
+    assert status == 0, err
+    assert "threads: " in err and "(auto: " in err
+    assert len(_jsonl(out)) == 1

@@ -234,6 +234,59 @@ def test_backbone_weights_flag_and_loss_switches(tmp_path):
         run(tmp_path / "run2", *SYNTH, "--backbone-weights", str(path))
 
 
+def test_head_overlap_and_norm_are_logged_every_epoch(tmp_path, capsys):
+    # the evidence issue's measures: validation maps' head overlap and the heads' feature norm
+    m = run(tmp_path / "run", *SYNTH, "--epochs", "2", "--partition-normalize")
+    for e in m["epochs"]:
+        assert 0.0 <= e["val"]["head_overlap"] <= 1.0 and e["val"]["head_norm"] > 0
+    assert 0.0 <= m["final"]["head_overlap"] <= 1.0
+    assert any("partition loss paper (normalized)" in t for t in m["tricks"])
+    epoch_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[epoch")]
+    assert len(epoch_lines) == 2 and all(" overlap " in line and " head norm " in line for line in epoch_lines)
+
+
+def test_head_measures_equal_a_direct_computation():
+    import dan_layers.functional as DF
+
+    torch.manual_seed(0)
+    net = recipe_model.DANWithLosses(recipe_model.DAN(num_classes=3, num_heads=2)).eval()
+    metrics = engine.RunningMetrics(3, torch.device("cpu"))
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        metrics.update(net(x, y, details=True), y)
+        _, maps = net.model.attention(net.model.backbone(x), return_attention=True)
+        raw = net.model.attention(net.model.backbone(x))
+    summary = metrics.summary(distributed.Dist())
+    assert summary["head_overlap"] == pytest.approx(float(DF.head_overlap(maps)), rel=1e-6)
+    assert summary["head_norm"] == pytest.approx(float(raw.norm(dim=-1).mean()), rel=1e-5)
+    one = engine.RunningMetrics(3, torch.device("cpu"))
+    single = recipe_model.DANWithLosses(recipe_model.DAN(num_classes=3, num_heads=1)).eval()
+    with torch.no_grad():
+        one.update(single(x, y, details=True), y)
+    assert one.summary(distributed.Dist())["head_overlap"] is None  # undefined for one head
+
+
+def test_model_with_losses_is_dan_loss_on_the_dan_forward():
+    import dan_layers
+
+    torch.manual_seed(1)
+    net = recipe_model.DANWithLosses(
+        recipe_model.DAN(num_classes=4, num_heads=2), partition="official", partition_normalize=True,
+        lambda_af=0.5,
+    ).train()
+    assert isinstance(net, dan_layers.DANLoss) and isinstance(net.model, dan_layers.DANHead)
+    assert set(k for k in net.state_dict() if not k.startswith("model.")) == {"affinity.centers"}
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    out = net(x, y)
+    net.load_state_dict(state)
+    logits, fmap, heads = net.model(x)
+    expected = dan_layers.DANLoss.forward(net, logits, fmap, heads, y)
+    torch.testing.assert_close(out["loss"], expected.loss)
+    partition = dan_layers.PartitionLoss("official", normalize=True)(heads).detach()
+    torch.testing.assert_close(out["partition"], partition)
+
+
 # ----------------------------------------------------------------------------------------
 # Real-data readers (tiny trees from conftest.py)
 # ----------------------------------------------------------------------------------------
