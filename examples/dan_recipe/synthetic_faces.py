@@ -52,6 +52,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,6 +69,7 @@ __all__ = [
     "confusable_pairs",
     "region_states",
     "render_face",
+    "save_faces",
 ]
 
 #: Class names in RAF-DB's label order (label ``i`` is ``CLASS_NAMES[i]``).
@@ -282,3 +284,44 @@ class SyntheticFaces(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
+
+
+def save_faces(
+    out_dir: str | Path, *, per_class: int = 1, size: int = 112, seed: int = 0, split: str = "test"
+) -> list[Path]:
+    """Write faces of ``SyntheticFaces(split=split, seed=seed)`` as PNG files, ``per_class`` of each class.
+
+    The faces come from the split's own seed stream (``"test"`` faces are never
+    among the training faces of a run with the same seed). Files are named
+    ``<split>_<index>_<class>.png`` and never overwritten: an existing file is an error.
+
+    Returns:
+        The paths written, class by class.
+
+    Raises:
+        FileExistsError: A file of that name is already there.
+    """
+    from PIL import Image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    faces = SyntheticFaces(num_samples=max(7 * per_class * 4, 70), size=size, seed=seed, split=split)
+    paths = []
+    for label, name in enumerate(CLASS_NAMES):
+        indices = [i for i, t in enumerate(faces.targets) if t == label][:per_class]
+        for index in indices:
+            path = out / f"{split}_{index}_{name}.png"
+            if path.exists():
+                raise FileExistsError(f"{path}: already there (remove it or choose another folder)")
+            Image.fromarray(faces.render(index)).save(path)
+            paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":  # python -m dan_recipe.synthetic_faces OUT_DIR [SIZE]
+    import sys
+
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python -m dan_recipe.synthetic_faces OUT_DIR [SIZE]")
+    for p in save_faces(sys.argv[1], size=int(sys.argv[2]) if len(sys.argv) == 3 else 112):
+        print(p)

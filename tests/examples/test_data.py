@@ -562,3 +562,13 @@ def test_modules_do_not_import_torchvision():
     for path in sorted(Path(data.__file__).parent.glob("*.py")):  # every module of the recipe
         src = path.read_text()
         assert "import torchvision" not in src and "from torchvision" not in src, path.name
+
+
+def test_save_faces_writes_one_png_per_class_and_never_overwrites(tmp_path):
+    from PIL import Image
+
+    paths = sf.save_faces(tmp_path, size=32)
+    assert [p.stem.rsplit("_", 1)[-1] for p in paths] == list(sf.CLASS_NAMES)
+    assert all(Image.open(p).size == (32, 32) for p in paths)
+    with pytest.raises(FileExistsError, match="already there"):
+        sf.save_faces(tmp_path, size=32)
