@@ -22,6 +22,7 @@ configuration: mean and sample std over the seeds of accuracy, balanced accuracy
 ``head_overlap``, the partition loss and the heads' feature norm).
 
     python benchmarks/ablation.py                 # run (or finish) the grid
+    python benchmarks/ablation.py --extra         # the diagnostic runs outside the grid (EXTRA)
     python benchmarks/ablation.py --docs          # regenerate docs/ablation.md's tables and plots
     python benchmarks/ablation.py --quick         # 2 tiny runs into a scratch folder (smoke test)
 """
@@ -70,6 +71,11 @@ FACTORS: dict[str, tuple[Any, ...]] = {
     "num_heads": (1, 2, 4, 8),
     "affinity": ("affinity", "center", "none"),
 }
+#: Outside the grid: do two heads collapse because of the partition loss? (``--extra``)
+EXTRA: tuple[dict[str, Any], ...] = (
+    {"partition": "none", "num_heads": 2, "affinity": "affinity"},
+    {"partition": "normalize", "num_heads": 2, "affinity": "affinity"},
+)
 METRICS = ("accuracy", "balanced_accuracy", "head_overlap", "partition", "head_norm")
 
 
@@ -93,7 +99,8 @@ def train_flags(config: Mapping[str, Any], seed: int, settings: Mapping[str, Any
     partition = config["partition"]
     flags = [
         "--data", "synthetic", "--preset", settings["preset"], "--image-size", str(settings["image_size"]),
-        "--synthetic-train", str(settings["synthetic_train"]), "--synthetic-test", str(settings["synthetic_test"]),
+        "--synthetic-train", str(settings["synthetic_train"]),
+        "--synthetic-test", str(settings["synthetic_test"]),
         "--val-fraction", str(settings["val_fraction"]), "--epochs", str(settings["epochs"]),
         "--batch-size", str(settings["batch_size"]), "--threads", str(settings["threads"]),
         "--num-heads", str(config["num_heads"]), "--affinity", config["affinity"],
@@ -148,11 +155,13 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def summarise(runs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def summarise(
+    runs: Iterable[Mapping[str, Any]], configs: Sequence[Mapping[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """One row per configuration (in grid order): n_seeds and mean / std of every metric."""
     rows = []
     runs = list(runs)
-    for config in grid():
+    for config in grid() if configs is None else configs:
         mine = [r for r in runs if r["config"] == config]
         if not mine:
             continue
@@ -168,19 +177,25 @@ def summarise(runs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------
 
 
-def load_cache(path: Path, settings: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The finished runs in ``path`` that were made with ``settings`` (others are dropped, and said)."""
+def load_cache(path: Path, settings: Mapping[str, Any], key: str = "runs") -> list[dict[str, Any]]:
+    """The finished runs (``key``: ``runs`` or ``extra_runs``) in ``path`` made with ``settings``."""
     if not path.is_file():
         return []
     payload = json.loads(path.read_text())
     if payload.get("settings") != dict(settings):
         print(f"{path}: made with other settings ({payload.get('settings')}); starting afresh")
         return []
-    return list(payload.get("runs", []))
+    return list(payload.get(key, []))
 
 
-def write_cache(path: Path, settings: Mapping[str, Any], runs: list[dict[str, Any]], seeds: Sequence[int]) -> None:
-    """Rewrite ``path`` atomically with the runs so far and their summary."""
+def write_cache(
+    path: Path,
+    settings: Mapping[str, Any],
+    runs: list[dict[str, Any]],
+    seeds: Sequence[int],
+    extra_runs: list[dict[str, Any]] | None = None,
+) -> None:
+    """Rewrite ``path`` atomically with the runs so far and their summary (and the extra runs)."""
     sys.path.insert(0, str(HERE))
     import _common as C  # noqa: PLC0415 - torch is imported only once a run has finished
 
@@ -196,23 +211,31 @@ def write_cache(path: Path, settings: Mapping[str, Any], runs: list[dict[str, An
         "runs": sorted(runs, key=lambda r: (grid().index(r["config"]), r["seed"])),
         "summary": summarise(runs),
     }
+    if extra_runs:
+        payload["extra_runs"] = sorted(extra_runs, key=lambda r: (list(EXTRA).index(r["config"]), r["seed"]))
+        payload["extra_summary"] = summarise(extra_runs, EXTRA)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
 
 
-def run_grid(settings: Mapping[str, Any], seeds: Sequence[int], cache: Path, work: Path) -> list[dict[str, Any]]:
+def run_grid(
+    settings: Mapping[str, Any], seeds: Sequence[int], cache: Path, work: Path, *, extra: bool = False
+) -> list[dict[str, Any]]:
+    """Run what ``cache`` lacks of the grid (or, with ``extra``, of :data:`EXTRA`), saving after each run."""
     runs = load_cache(cache, settings)
-    done = {r["name"] for r in runs}
-    todo = [(c, s) for c in grid() for s in seeds if run_name(c, s) not in done]
+    extra_runs = load_cache(cache, settings, "extra_runs")
+    target = extra_runs if extra else runs
+    done = {r["name"] for r in target}
+    todo = [(c, s) for c in (EXTRA if extra else grid()) for s in seeds if run_name(c, s) not in done]
     print(f"ablation: {len(done)} runs cached in {cache}, {len(todo)} to go")
     for i, (config, seed) in enumerate(todo, 1):
         keep = config == DEFAULT and seed == seeds[0]  # its checkpoint makes the README's picture
         t0 = time.perf_counter()
         record = run_one(config, seed, settings, work, keep=keep)
-        runs.append(record)
-        write_cache(cache, settings, runs, seeds)
+        target.append(record)
+        write_cache(cache, settings, runs, seeds, extra_runs)
         print(f"[{i}/{len(todo)}] {record['name']}: acc {record['accuracy']:.4f} "
               f"overlap {record['head_overlap']} ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
     return runs
@@ -232,43 +255,54 @@ def _fmt(mean: float | None, std: float | None, digits: int, percent: bool = Fal
     return f"{mean * scale:.{digits}f} ± {(std or 0.0) * scale:.{digits}f}"
 
 
-def _label(config: Mapping[str, Any]) -> str:
-    return f"{config['partition']} / {config['num_heads']} / {config['affinity']}"
+def _fmt_small(mean: float | None, std: float | None) -> str:
+    """Three significant digits: the partition loss spans 1e-4 to 2."""
+    return "n/a" if mean is None else f"{mean:.3g} ± {(std or 0.0):.2g}"
+
+
+def _row(label: str, row: Mapping[str, Any]) -> str:
+    return (
+        f"| {label} | {row['n_seeds']} | "
+        f"{_fmt(row['accuracy_mean'], row['accuracy_std'], 1, True)} | "
+        f"{_fmt(row['balanced_accuracy_mean'], row['balanced_accuracy_std'], 1, True)} | "
+        f"{_fmt(row['head_overlap_mean'], row['head_overlap_std'], 3)} | "
+        f"{_fmt_small(row['partition_mean'], row['partition_std'])} | "
+        f"{_fmt(row['head_norm_mean'], row['head_norm_std'], 0)} |"
+    )
+
+
+_HEADER = (
+    "| {name} | seeds | accuracy % | balanced acc. % | head overlap | partition loss | head norm |\n"
+    "|---|---:|---:|---:|---:|---:|---:|"
+)
 
 
 def markdown_tables(payload: Mapping[str, Any]) -> str:
     """The tables of docs/ablation.md: one per factor, DAN's default in every one."""
     rows = payload["summary"]
     out = []
+    titles = {"partition": "Partition loss (4 heads, affinity loss)",
+              "num_heads": "Number of heads (partition paper, affinity loss)",
+              "affinity": "Feature loss (4 heads, partition paper)"}  # fmt: skip
     for factor, values in FACTORS.items():
-        title = {"partition": "Partition loss (4 heads, affinity loss)",
-                 "num_heads": "Number of heads (partition paper, affinity loss)",
-                 "affinity": "Feature loss (4 heads, partition paper)"}[factor]  # fmt: skip
-        out.append(f"**{title}**\n")
-        out.append(f"| {factor} | seeds | accuracy % | balanced acc. % | head overlap | partition loss | head norm |")
-        out.append("|---|---:|---:|---:|---:|---:|---:|")
+        out += [f"**{titles[factor]}**\n", _HEADER.format(name=factor)]
         for value in values:
             config = {**DEFAULT, factor: value}
             row = next((r for r in rows if r["config"] == config), None)
-            if row is None:
-                continue
-            mark = " (DAN)" if config == DEFAULT else ""
-            out.append(
-                f"| `{value}`{mark} | {row['n_seeds']} | "
-                f"{_fmt(row['accuracy_mean'], row['accuracy_std'], 1, True)} | "
-                f"{_fmt(row['balanced_accuracy_mean'], row['balanced_accuracy_std'], 1, True)} | "
-                f"{_fmt(row['head_overlap_mean'], row['head_overlap_std'], 3)} | "
-                f"{_fmt(row['partition_mean'], row['partition_std'], 4)} | "
-                f"{_fmt(row['head_norm_mean'], row['head_norm_std'], 1)} |"
-            )
+            if row is not None:
+                out.append(_row(f"`{value}`" + (" (DAN)" if config == DEFAULT else ""), row))
+        out.append("")
+    if payload.get("extra_summary"):
+        out += ["**Outside the grid: two heads (affinity loss)**\n", _HEADER.format(name="partition")]
+        out += [_row(f"`{r['config']['partition']}`", r) for r in payload["extra_summary"]]
         out.append("")
     s = payload["settings"]
     out.append(
-        f"{len(payload['runs'])} runs: {s['synthetic_train']} training and {s['synthetic_test']} test faces "
-        f"at {s['image_size']} px, {s['epochs']} epochs (preset `{s['preset']}`), seeds "
+        f"{len(payload['runs'])} runs in the grid: {s['synthetic_train']} training and {s['synthetic_test']} "
+        f"test faces at {s['image_size']} px, {s['epochs']} epochs (preset `{s['preset']}`), seeds "
         f"{', '.join(map(str, payload['seeds']))}; mean ± sample std over the seeds of the test split "
         "after the last epoch. Head overlap: `dan_layers.functional.head_overlap` of the test maps "
-        "(1 = identical, 0 = disjoint; undefined for one head). Partition loss: the run's own term on "
+        "(1 = identical, 0 = disjoint; n/a for one head). Partition loss: the run's own term on "
         "the test heads (0 where it is off). Head norm: mean L2 norm of a head's 512-vector before the "
         "log-softmax."
     )
@@ -331,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "ablation", help="the runs' folders")
     p.add_argument("--docs", action="store_true", help="only regenerate docs/ablation.md from the cache")
     p.add_argument("--quick", action="store_true", help="2 tiny runs into a scratch folder (smoke test)")
+    p.add_argument("--extra", action="store_true", help="the runs outside the grid (EXTRA), same settings")
     args = p.parse_args(argv)
     if args.docs:
         write_docs(args.cache, DOCS_PAGE, ASSETS)
@@ -341,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for config, seed in ((DEFAULT, 0), ({**DEFAULT, "partition": "normalize", "num_heads": 1}, 0)):
             print(run_one(config, seed, QUICK_SETTINGS, work, keep=False))
         return 0
-    run_grid(SETTINGS, args.seeds, args.cache, args.work)
+    run_grid(SETTINGS, args.seeds, args.cache, args.work, extra=args.extra)
     return 0
 
 
