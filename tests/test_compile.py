@@ -243,6 +243,11 @@ class TestNoShapeGuards:
         torch.compiler.reset()
         assert self.count_compiles(block, torch.float32, (2, 3, 15, 17, 48, 256)) == 2
 
+    def test_float32_batch_16_guard_is_torchs_own(self):
+        # the second graph above is not ours: one plain nn.Conv2d gets the same split at batch 16
+        conv = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1))
+        assert self.count_compiles(conv, torch.float32, (2, 3, 15, 17, 48, 256)) == 2
+
     @pytest.mark.parametrize("train", [True, False])
     def test_export_dynamic_batch_2_to_1024(self, train):
         block = MultiHeadAttentionBlock(16, 2, channel_reduction=4).train(train)
