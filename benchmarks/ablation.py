@@ -298,8 +298,10 @@ def markdown_tables(payload: Mapping[str, Any]) -> str:
         out.append("")
     s = payload["settings"]
     out.append(
-        f"{len(payload['runs'])} runs in the grid: {s['synthetic_train']} training and {s['synthetic_test']} "
-        f"test faces at {s['image_size']} px, {s['epochs']} epochs (preset `{s['preset']}`), seeds "
+        f"{len(payload['runs'])} runs in the grid"
+        + (f" and {len(payload['extra_runs'])} outside it" if payload.get("extra_runs") else "")
+        + f", all with {s['synthetic_train']} training and {s['synthetic_test']} test faces at "
+        f"{s['image_size']} px, {s['epochs']} epochs (preset `{s['preset']}`), seeds "
         f"{', '.join(map(str, payload['seeds']))}; mean ± sample std over the seeds of the test split "
         "after the last epoch. Head overlap: `dan_layers.functional.head_overlap` of the test maps "
         "(1 = identical, 0 = disjoint; n/a for one head). Partition loss: the run's own term on "
