@@ -8,6 +8,9 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# The suite on every core, one test module per worker (module fixtures built once);
+# PYTEST_PARALLEL= runs it in one process.
+PYTEST_PARALLEL ?= -n auto --dist loadscope
 
 .PHONY: help venv install test test-fast demo docs bench wheel lint clean
 
@@ -30,10 +33,10 @@ $(STAMP): pyproject.toml | $(PY)
 venv install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest tests dan_layers examples $(PYTEST_ARGS)
+	$(PY) -m pytest tests dan_layers examples $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest tests dan_layers -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests dan_layers -m "not slow" $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) examples/train_dan.py --preset demo --out runs/demo --overwrite
