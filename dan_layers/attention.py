@@ -162,6 +162,15 @@ def _folded(layer: nn.Module, norm: nn.Module) -> tuple[torch.Tensor, torch.Tens
     )
 
 
+def _fold_in_place(layer: nn.Module, norm: nn.Module) -> None:
+    """Overwrite ``layer``'s weight and bias with ``norm`` folded in (a bias is added if it has none)."""
+    weight, bias = _folded(layer, norm)
+    if layer.bias is None:
+        layer.bias = nn.Parameter(bias.clone())
+    cast(torch.Tensor, layer.weight).copy_(weight)
+    cast(torch.Tensor, layer.bias).copy_(bias)
+
+
 def _require_eval(module: nn.Module) -> None:
     if module.training:
         raise RuntimeError(
@@ -430,13 +439,8 @@ class SpatialAttention(nn.Module):
         self._check_reparameterizable()
         if self.is_reparameterized:
             return self
-        reduce_conv, reduce_norm = cast(nn.Conv2d, self.conv1x1[0]), self.conv1x1[1]
-        if not isinstance(reduce_norm, nn.Identity):
-            weight, bias = _folded(reduce_conv, reduce_norm)
-            if reduce_conv.bias is None:
-                reduce_conv.bias = nn.Parameter(bias.clone())
-            reduce_conv.weight.copy_(weight)
-            reduce_conv.bias.copy_(bias)
+        if not isinstance(self.conv1x1[1], nn.Identity):
+            _fold_in_place(self.conv1x1[0], self.conv1x1[1])
             self.conv1x1[1] = nn.Identity()
         kh = max(size[0] for size in self.kernel_sizes)
         kw = max(size[1] for size in self.kernel_sizes)
@@ -604,10 +608,7 @@ class ChannelAttention(nn.Module):
         self._check_reparameterizable()
         if self.is_reparameterized:
             return self
-        layer = self.attention[0]
-        weight, bias = _folded(layer, self.attention[1])
-        cast(torch.Tensor, layer.weight).copy_(weight)
-        cast(torch.Tensor, layer.bias).copy_(bias)
+        _fold_in_place(self.attention[0], self.attention[1])
         self.attention[1] = nn.Identity()
         return self
 

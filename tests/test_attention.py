@@ -699,6 +699,22 @@ class TestSwappedModules:
         assert not any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
         torch.testing.assert_close(synced(x), expected, rtol=1e-10, atol=1e-12)
 
+    def test_layers_without_bias_fold_in_reparameterize(self):
+        # both folds go through one helper, which gives a bias-free layer the folded bias
+        block = block64(seed=2)
+        reduce = block.spatial.conv1x1[0]
+        no_bias = nn.Conv2d(reduce.in_channels, reduce.out_channels, 1, bias=False, dtype=torch.float64)
+        swap(block, "spatial.conv1x1.0", no_bias)
+        channel = ChannelAttention(12, num_heads=1, reduction=4, dtype=torch.float64)
+        channel.attention[0] = nn.Linear(12, 3, bias=False, dtype=torch.float64)
+        for module, x in ((block, torch.randn(3, 12, 5, 6, dtype=torch.float64)),
+                          (channel, torch.randn(3, 12, 5, 6, dtype=torch.float64))):
+            module.train()(x)  # running statistics that are not the identity
+            module.eval()
+            expected = module(x)
+            module.reparameterize()
+            torch.testing.assert_close(module(x), expected, rtol=1e-10, atol=1e-12)
+
     @pytest.mark.parametrize(
         "path,make",
         [
