@@ -51,7 +51,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -293,7 +293,8 @@ def save_faces(
 
     The faces come from the split's own seed stream (``"test"`` faces are never
     among the training faces of a run with the same seed). Files are named
-    ``<split>_<index>_<class>.png`` and never overwritten: an existing file is an error.
+    ``<split>_<index>_<class>.png`` and never overwritten: if any of them exists,
+    nothing is written.
 
     Returns:
         The paths written, class by class.
@@ -303,25 +304,42 @@ def save_faces(
     """
     from PIL import Image
 
+    faces = SyntheticFaces(num_samples=max(7 * per_class * 4, 70), size=size, seed=seed, split=split)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    faces = SyntheticFaces(num_samples=max(7 * per_class * 4, 70), size=size, seed=seed, split=split)
-    paths = []
-    for label, name in enumerate(CLASS_NAMES):
-        indices = [i for i, t in enumerate(faces.targets) if t == label][:per_class]
-        for index in indices:
-            path = out / f"{split}_{index}_{name}.png"
-            if path.exists():
-                raise FileExistsError(f"{path}: already there (remove it or choose another folder)")
-            Image.fromarray(faces.render(index)).save(path)
-            paths.append(path)
-    return paths
+    chosen = [
+        (index, out / f"{split}_{index}_{name}.png")
+        for label, name in enumerate(CLASS_NAMES)
+        for index in [i for i, t in enumerate(faces.targets) if t == label][:per_class]
+    ]
+    for _, path in chosen:
+        if path.exists():
+            raise FileExistsError(f"{path}: already there (remove it or choose another folder)")
+    for index, path in chosen:
+        Image.fromarray(faces.render(index)).save(path)
+    return [path for _, path in chosen]
 
 
-if __name__ == "__main__":  # python -m dan_recipe.synthetic_faces OUT_DIR [SIZE]
+def _main(args: Sequence[str] | None = None) -> None:
+    """``python -m dan_recipe.synthetic_faces OUT_DIR [SIZE]``: a user's mistake is one line."""
     import sys
 
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: python -m dan_recipe.synthetic_faces OUT_DIR [SIZE]")
-    for p in save_faces(sys.argv[1], size=int(sys.argv[2]) if len(sys.argv) == 3 else 112):
-        print(p)
+    from .errors import UserError
+
+    argv = list(sys.argv[1:] if args is None else args)
+    if len(argv) not in (1, 2) or (len(argv) == 2 and not argv[1].isdigit()):
+        raise UserError(f"usage: python -m dan_recipe.synthetic_faces OUT_DIR [SIZE], got {' '.join(argv)!r}")
+    try:
+        paths = save_faces(argv[0], size=int(argv[1]) if len(argv) == 2 else 112)
+    except (ValueError, FileExistsError) as exc:
+        raise UserError(str(exc)) from None
+    for path in paths:
+        print(path)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .errors import run_command
+
+    sys.exit(run_command(_main))

@@ -572,3 +572,22 @@ def test_save_faces_writes_one_png_per_class_and_never_overwrites(tmp_path):
     assert all(Image.open(p).size == (32, 32) for p in paths)
     with pytest.raises(FileExistsError, match="already there"):
         sf.save_faces(tmp_path, size=32)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / paths[-1].name).write_bytes(b"mine")  # one name taken: nothing is written, nothing replaced
+    with pytest.raises(FileExistsError, match="already there"):
+        sf.save_faces(fresh, size=32)
+    assert [p.name for p in fresh.iterdir()] == [paths[-1].name]
+    assert (fresh / paths[-1].name).read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("args", [[], ["{out}", "big"], ["{out}", "8"], ["{out}", "32", "more"]])
+def test_save_faces_command_says_a_mistake_in_one_line(tmp_path, args):
+    import subprocess
+    import sys
+
+    out = tmp_path / "faces"
+    res = subprocess.run([sys.executable, "-m", "dan_recipe.synthetic_faces", *(a.format(out=out) for a in args)],
+                         capture_output=True, text=True, cwd=Path(sf.__file__).parent.parent, timeout=120)  # fmt: skip
+    assert res.returncode == 1 and res.stdout == "" and not out.exists()  # a refused command makes nothing
+    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
