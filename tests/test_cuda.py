@@ -178,7 +178,7 @@ class TestCudaOneSemantics:
             seen = []
             for name in ("spatial", "spatial.relu", "spatial.conv_3x3.0", "channel"):
                 block.get_submodule(name).register_forward_hook(
-                    lambda m, i, o, name=name: seen.append((name, tuple(o.shape)))
+                    lambda m, i, o, name=name, seen=seen: seen.append((name, tuple(o.shape)))
                 )
             block(torch.randn(4, 16, 5, 5, device=dev))
             shapes[dev] = seen

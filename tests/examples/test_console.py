@@ -73,7 +73,8 @@ def test_amp_without_native_bf16_warns_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda *a, **k: False)
     # bf16 autocast is emulated (slow) on such a CPU: two epochs of two steps each
     few = ["--synthetic-train", "8", "--synthetic-test", "7", "--batch-size", "4"]
-    train_dan.main([*TINY, *SYNTH, *few, "--no-progress", "--amp", "--epochs", "2", "--out", str(tmp_path / "a")])
+    out = str(tmp_path / "a")
+    train_dan.main([*TINY, *SYNTH, *few, "--no-progress", "--amp", "--epochs", "2", "--out", out])
     assert capsys.readouterr().out.count(runtime.AMP_WITHOUT_BF16_WARNING) == 1
     said: list[str] = []
     cpu = torch.device("cpu")

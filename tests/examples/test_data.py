@@ -588,6 +588,7 @@ def test_save_faces_command_says_a_mistake_in_one_line(tmp_path, args):
 
     out = tmp_path / "faces"
     command = [sys.executable, "-m", "dan_recipe.synthetic_faces", *(a.format(out=out) for a in args)]
-    res = subprocess.run(command, capture_output=True, text=True, cwd=Path(sf.__file__).parent.parent, timeout=120)
+    examples = Path(sf.__file__).parent.parent
+    res = subprocess.run(command, capture_output=True, text=True, cwd=examples, timeout=120)
     assert res.returncode == 1 and res.stdout == "" and not out.exists()  # a refused command makes nothing
     assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
