@@ -35,6 +35,8 @@ from torch import Tensor, nn
 
 import dan_layers
 
+from .errors import UserError
+
 __all__ = [
     "DAN",
     "BasicBlock",
@@ -300,6 +302,17 @@ class DANWithLosses(dan_layers.DANLoss):
         return {**out._asdict(), **extra}
 
 
+#: The training script's flag for an argument of DAN / DANLoss named in a ValueError.
+_FLAG_OF_ARGUMENT = {
+    "num_heads": "--num-heads",
+    "affinity": "--affinity",
+    "partition": "--partition",
+    "normalize": "--partition-normalize",
+    "num_centers": "--num-centers",
+    "label_smoothing": "--label-smoothing",
+}
+
+
 def build_model_with_losses(cfg: Mapping[str, Any], num_classes: int) -> DANWithLosses:
     """A fresh :class:`DAN` and its losses, as the run configuration ``cfg`` says.
 
@@ -310,15 +323,22 @@ def build_model_with_losses(cfg: Mapping[str, Any], num_classes: int) -> DANWith
 
     Returns:
         The module to train (or to evaluate the losses of).
+
+    Raises:
+        UserError: Settings that do not fit together (the message names the flag).
     """
-    model = DAN(num_classes=num_classes, num_heads=cfg["num_heads"])
-    return DANWithLosses(
-        model,
-        affinity=cfg["affinity"],
-        partition=cfg["partition"],
-        partition_normalize=cfg.get("partition_normalize", False),
-        lambda_af=cfg["lambda_af"],
-        lambda_pt=cfg["lambda_pt"],
-        num_centers=cfg["num_centers"],
-        label_smoothing=cfg["label_smoothing"],
-    )
+    try:
+        model = DAN(num_classes=num_classes, num_heads=cfg["num_heads"])
+        return DANWithLosses(
+            model,
+            affinity=cfg["affinity"],
+            partition=cfg["partition"],
+            partition_normalize=cfg.get("partition_normalize", False),
+            lambda_af=cfg["lambda_af"],
+            lambda_pt=cfg["lambda_pt"],
+            num_centers=cfg["num_centers"],
+            label_smoothing=cfg["label_smoothing"],
+        )
+    except ValueError as exc:  # the library names its argument ("num_centers: ..."); say the flag
+        name, _, reason = str(exc).partition(": ")
+        raise UserError(f"{_FLAG_OF_ARGUMENT.get(name, name)}: {reason}") from None

@@ -83,6 +83,14 @@ def _case(name: str, tmp: Path, trees: dict) -> tuple[list[str], list[str]]:
     if name == "checkpoint holds an object":
         torch.save({"model": {}, "x": _Evil()}, tmp / "object.pt")
         return ["--eval-only", "--checkpoint", str(tmp / "object.pt")], ["--checkpoint", "_Evil", "not loaded"]
+    if name == "normalize without a partition loss":
+        return ["--data", "synthetic", "--partition", "none", "--partition-normalize"], [
+            "--partition-normalize", "partition='none'",
+        ]  # fmt: skip
+    if name == "centres the center loss cannot have":
+        return ["--data", "synthetic", "--affinity", "center", "--num-centers", "8"], [
+            "--num-centers", "one centre per class", "got 8",
+        ]  # fmt: skip
     if name == "resume from nowhere":
         path = str(tmp / "old" / "last.pt")
         return ["--resume", path], ["--resume", path, "does not exist"]
@@ -99,6 +107,8 @@ CASES = [
     "checkpoint is garbage",
     "checkpoint holds an object",
     "resume from nowhere",
+    "normalize without a partition loss",
+    "centres the center loss cannot have",
 ]
 
 
