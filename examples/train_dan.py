@@ -13,9 +13,10 @@ Usage (see ``--help`` for every flag)::
     torchrun --nproc_per_node=4 examples/train_dan.py --preset rafdb ...  # DistributedDataParallel
 
 This file is the command only: parse the flags, resolve the configuration, run.
-The recipe is the package ``examples/dan_recipe/`` (one concern per module:
-``config`` presets and flags, ``data``/``loaders`` datasets, ``model`` the reference
-DAN, ``engine`` one epoch, ``training`` the run, ``checkpoints`` the files).
+Follow one epoch: :func:`dan_recipe.train.run` -> ``train`` -> ``run_epoch`` ->
+``train_one_epoch`` (all in ``dan_recipe/train.py``), over the data of
+``dan_recipe/data.py`` and the model of ``dan_recipe/model.py``; the flags and
+presets are ``dan_recipe/config.py``'s.
 
 What a run writes to ``--out`` (refused if ``--out`` already holds a run, unless
 ``--resume`` or ``--overwrite``):
@@ -24,10 +25,12 @@ What a run writes to ``--out`` (refused if ``--out`` already holds a run, unless
   the validation split held out from training, or of the last epoch when there is
   none, with the reason in ``final["selected_by"]``), ``last``, timings,
   configuration with the source of every value, class names, environment;
-* ``last.pt`` (every epoch) and ``best.pt`` (on improvement), written atomically,
-  loadable with ``torch.load(weights_only=True)`` and holding everything needed to
-  continue bit-exactly with ``--resume``; ``dan_recipe.checkpoints.load_model``
-  loads them (and the authors' checkpoints) for inference;
+* ``last.pt`` (every epoch): everything ``--resume`` needs to continue bit-exactly;
+* ``best.pt`` (on improvement): the model and what inference needs (classes, image
+  size, normalisation, the data it learnt from), a third of ``last.pt``'s size; the
+  same model as ``model.safetensors`` + ``config.json`` (no pickle). All are written
+  atomically and read with ``torch.load(weights_only=True)`` / safetensors;
+  ``dan_recipe.model.load_model`` loads any of them (and the authors' checkpoints);
 * ``confusion_matrix.png`` and ``attention_maps.png`` (test confusion matrix; each
   head's spatial attention over a few test faces).
 
@@ -47,19 +50,20 @@ _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:  # so that `import dan_recipe` works however this is started
     sys.path.insert(0, str(_HERE))
 
-from dan_recipe import config, errors, runner  # noqa: E402
+from dan_recipe.config import resolve_config  # noqa: E402
+from dan_recipe.train import run  # noqa: E402
+from dan_recipe.utils import run_command  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the command with ``argv`` (without the program name); return the metrics dict.
 
     Raises:
-        UserError: A mistake in the flags, files or folders (``SystemExit``, status 1).
-        CheckpointError: A checkpoint that cannot be read or does not fit.
+        RecipeError: A mistake in the flags, files, folders or checkpoints.
     """
-    cfg, sources = config.resolve_config(argv)
-    return runner.run(cfg, sources)
+    cfg, sources = resolve_config(argv)
+    return run(cfg, sources)
 
 
 if __name__ == "__main__":
-    sys.exit(errors.run_command(main))
+    sys.exit(run_command(main))

@@ -1,45 +1,20 @@
-"""Image transforms on float tensors, written with torch only (no torchvision).
+"""The input side that inference shares with training: image files, resize and normalise (torch only).
+
+* :func:`eval_transform` is what a trained model sees at evaluation time:
+  :class:`ToTensor` (PIL image, ``uint8`` array or tensor), :class:`Resize` to a
+  square and :class:`Normalize`. The photo commands prepare face crops with it,
+  with the image size and normalisation a checkpoint records. The training
+  augmentations are :mod:`dan_recipe.data`'s (``predict.py`` never loads them).
+* :data:`IMAGE_EXTENSIONS`: the file endings read as images.
 
 Every transform takes a float tensor ``(C, H, W)`` or a batch ``(B, C, H, W)`` and
-returns one of the same kind; random transforms draw independent parameters for
-every image of a batch. :class:`ToTensor` is the entry point from PIL images and
-numpy / torch ``uint8`` arrays.
-
-Randomness: every random transform takes an optional ``torch.Generator``. With
-``generator=None`` (the default) it uses torch's global generator, which a
-``DataLoader`` seeds differently in every worker, so that is the right choice for
-multi-worker loading (a generator object handed to a transform is copied into
-each worker, and all workers would then draw the same numbers). Pass a generator
-for a reproducible single-process pipeline or in tests.
-
-Presets (:func:`build_transforms`), sizes in pixels of the output image:
-
-* ``"rafdb"`` (the authors' RAF-DB recipe): resize, horizontal flip, with
-  probability 0.2 [rotation up to 20 degrees, then a random crop after zero
-  padding of 32 px at 224 (scaled with the image size)], ImageNet normalisation,
-  random erasing (p 0.5, scale 0.02-0.25).
-* ``"affectnet"`` (the authors' AffectNet recipe): resize, horizontal flip, with
-  probability 0.7 a random affine (20 degrees, translate 0.2, scale 0.8-1),
-  normalisation, random erasing (p 0.5, scale 0.02-0.33, the default the authors
-  kept for AffectNet).
-* ``"demo"`` (light, for small synthetic runs): resize, flip, with probability 0.5
-  a small affine (10 degrees, translate 0.05, scale 0.9-1.05), normalisation.
-* evaluation (``train=False``), any preset: :func:`eval_transform`, resize and
-  normalisation; the same pipeline prepares images for a trained model.
-
-The random transforms live in :mod:`dan_recipe.augment` and are re-exported here.
-
-Example:
-    >>> import torch
-    >>> from dan_recipe import transforms as T
-    >>> tf = T.build_transforms("rafdb", 64, train=True, generator=torch.Generator().manual_seed(0))
-    >>> tf(torch.rand(3, 100, 100)).shape
-    torch.Size([3, 64, 64])
+returns one of the same kind. Written with torch alone: torchvision from PyPI does
+not import beside this project's CPU build of torch, so nothing here needs it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,31 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._transform_checks import Transform, as_batch, float_check, pair
-from .augment import (
-    RandomAffine,
-    RandomApply,
-    RandomCrop,
-    RandomErasing,
-    RandomHorizontalFlip,
-    RandomRotation,
-)
-
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "PRESETS",
+    "IMAGE_EXTENSIONS",
     "Compose",
     "Normalize",
-    "RandomAffine",
-    "RandomApply",
-    "RandomCrop",
-    "RandomErasing",
-    "RandomHorizontalFlip",
-    "RandomRotation",
     "Resize",
     "ToTensor",
-    "build_transforms",
+    "Transform",
     "eval_transform",
 ]
 
@@ -79,8 +38,38 @@ __all__ = [
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 #: ImageNet channel standard deviations (RGB).
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-#: Names accepted by :func:`build_transforms`.
-PRESETS: tuple[str, ...] = ("rafdb", "affectnet", "demo")
+#: File name endings read as images (case-insensitive).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+#: A callable from image tensor to image tensor.
+Transform = Callable[[Tensor], Tensor]
+
+
+def as_batch(x: Tensor, name: str) -> tuple[Tensor, bool]:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__} (use ToTensor first)")
+    if x.dim() == 3:
+        return x.unsqueeze(0), True
+    if x.dim() == 4:
+        return x, False
+    raise ValueError(f"{name}: expected a (C, H, W) or (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+
+
+def float_check(x: Tensor, name: str) -> None:
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating point tensor, got {x.dtype} (use ToTensor first)")
+
+
+def pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        out = (v, v)
+    elif isinstance(v, Sequence) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        out = (int(v[0]), int(v[1]))
+    else:
+        raise ValueError(f"{name}: expected an int or a pair (height, width), got {v!r}")
+    if min(out) < 1:
+        raise ValueError(f"{name}: expected positive sizes, got {v!r}")
+    return out
 
 
 class Compose:
@@ -235,73 +224,3 @@ def eval_transform(
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size: expected an int >= 8, got {image_size!r}")
     return Compose([ToTensor(), Resize(image_size), Normalize(mean, std)])
-
-
-def build_transforms(
-    preset: str,
-    image_size: int,
-    train: bool,
-    *,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    generator: torch.Generator | None = None,
-) -> Compose:
-    """The transform pipeline of a preset (see the module docstring).
-
-    The pipeline takes a float ``(3, H, W)`` tensor in ``[0, 1]`` (any ``H, W``;
-    PIL images and uint8 arrays also work, through a leading :class:`ToTensor`)
-    and returns a normalised ``(3, image_size, image_size)`` tensor.
-
-    Args:
-        preset: One of :data:`PRESETS`.
-        image_size: Output height and width.
-        train: Augmented training pipeline if true, else :func:`eval_transform`.
-        mean: Normalisation means.
-        std: Normalisation standard deviations.
-        generator: Shared by every random transform (see the module docstring).
-
-    Returns:
-        A :class:`Compose`.
-
-    Raises:
-        ValueError: On an unknown preset or a bad size.
-    """
-    if preset not in PRESETS:
-        raise ValueError(f"preset: expected one of {list(PRESETS)}, got {preset!r}")
-    if not train:
-        return eval_transform(image_size, mean, std)
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-        raise ValueError(f"image_size: expected an int >= 8, got {image_size!r}")
-    g = generator
-    head: list[Transform] = [ToTensor(), Resize(image_size)]
-    norm = Normalize(mean, std)
-    if preset == "rafdb":
-        pad = max(1, round(32 * image_size / 224))
-        aug: list[Transform] = [
-            RandomHorizontalFlip(generator=g),
-            RandomApply(
-                [RandomRotation(20, generator=g), RandomCrop(image_size, padding=pad, generator=g)],
-                p=0.2,
-                generator=g,
-            ),
-            norm,
-            RandomErasing(p=0.5, scale=(0.02, 0.25), generator=g),
-        ]
-    elif preset == "affectnet":
-        aug = [
-            RandomHorizontalFlip(generator=g),
-            RandomApply(
-                RandomAffine(20, translate=(0.2, 0.2), scale=(0.8, 1.0), generator=g), p=0.7, generator=g
-            ),
-            norm,
-            RandomErasing(p=0.5, scale=(0.02, 0.33), generator=g),
-        ]
-    else:  # demo
-        aug = [
-            RandomHorizontalFlip(generator=g),
-            RandomApply(
-                RandomAffine(10, translate=(0.05, 0.05), scale=(0.9, 1.05), generator=g), p=0.5, generator=g
-            ),
-            norm,
-        ]
-    return Compose([*head, *aug])

@@ -37,11 +37,11 @@ CORRUPT_BYTES = b"this is not a JPEG file\x00\xff\xd8 truncated"
 
 def _write_face(path: Path, label: int, seed: int, size: int) -> None:
     import numpy as np
-    from dan_recipe import synthetic_faces
+    from dan_recipe import synthetic
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = synthetic_faces.render_face(label % 7, np.random.default_rng(seed), size)
+    img = synthetic.render_face(label % 7, np.random.default_rng(seed), size)
     Image.fromarray(img).save(path, format="JPEG", quality=90)
 
 

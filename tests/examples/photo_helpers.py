@@ -7,7 +7,7 @@
 * :func:`write_video` writes a short MJPG ``.avi`` with OpenCV (the codec every
   OpenCV wheel can write and read).
 * :func:`save_our_checkpoint` writes a checkpoint in the recipe's format
-  (``checkpoints.training_checkpoint`` + ``save_checkpoint``) without training;
+  (``best.pt``'s format: the model and what inference needs) without training;
   :func:`save_authors_checkpoint` writes one in the authors' layout
   (``{"iter", "model_state_dict"}`` with ``features.*``, ``cat_head{i}.*``).
   Both models get non-trivial BatchNorm statistics, so that their probabilities
@@ -29,7 +29,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
-from dan_recipe import checkpoints, errors, model, weights  # noqa: E402
+from dan_recipe import model, train, utils  # noqa: E402
 
 CLASS_NAMES = ("calm", "joy", "gloom")
 #: Flags every command test passes: the CPU, one thread, no progress bar.
@@ -87,7 +87,7 @@ def _vary_batchnorm(net: torch.nn.Module, seed: int) -> None:
             m.running_mean.copy_((torch.rand(n, generator=g) - 0.5) * 0.2)
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
     # the fusion's BatchNorm1d sees logits of a fresh head: widen it so the softmax is not saturated
-    fusion_bn = net.fusion.bn if isinstance(net, model.DAN) else net.model.fusion.bn
+    fusion_bn = net.head.fusion.bn if isinstance(net, model.DAN) else net.model.head.fusion.bn
     fusion_bn.running_var.fill_(1e4)
 
 
@@ -96,18 +96,13 @@ def save_our_checkpoint(path: Path, *, num_heads: int = 2, image_size: int = 48,
     torch.manual_seed(seed)
     cfg = {"num_heads": num_heads, "affinity": "affinity", "partition": "paper", "lambda_af": 1.0,
            "lambda_pt": 1.0, "num_centers": None, "label_smoothing": 0.0}  # fmt: skip
-    net = model.build_model_with_losses(cfg, len(CLASS_NAMES)).eval()
+    net = train.build_model_with_losses(cfg, len(CLASS_NAMES)).eval()
     _vary_batchnorm(net, seed)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    args = {**cfg, "image_size": image_size, "select_metric": "accuracy"}
-    state = checkpoints.training_checkpoint(
-        net=net, optimizer=opt, scheduler=scheduler, scaler=scaler, epoch=1, global_step=1, best_metric=0.5,
-        best_epoch=1, history=[], args=args, class_names=CLASS_NAMES, world_size=1,
-        rng=[checkpoints.rng_state()],
-    )  # fmt: skip
-    checkpoints.save_checkpoint(state, path)
+    args = {**cfg, "image_size": image_size, "select_metric": "accuracy", "data": "imagefolder"}
+    state = {"format": model.CHECKPOINT_FORMAT, "model": net.state_dict(), "epoch": 1, "args": args,
+             "class_names": list(CLASS_NAMES), "num_classes": len(CLASS_NAMES),
+             "preprocessing": {"image_size": image_size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
+    utils.save_torch(state, path)
     return path
 
 
@@ -116,16 +111,16 @@ def save_authors_checkpoint(path: Path, *, num_classes: int = 7, num_heads: int 
     torch.manual_seed(seed)
     net = model.DAN(num_classes=num_classes, num_heads=num_heads).eval()
     _vary_batchnorm(net, seed)
-    torch.save({"iter": 21, "model_state_dict": weights.to_official_state_dict(net)}, path)
+    torch.save({"iter": 21, "model_state_dict": model.to_official_state_dict(net)}, path)
     return path
 
 
 def run_cli(
     main: Callable[[Sequence[str] | None], object], argv: Sequence[str], capsys
 ) -> tuple[int, str, str]:
-    """``errors.run_command(main, argv)``: the status, and what it printed."""
+    """``utils.run_command(main, argv)``: the status, and what it printed."""
     capsys.readouterr()
-    status = errors.run_command(main, list(argv))
+    status = utils.run_command(main, list(argv))
     out = capsys.readouterr()
     return status, out.out, out.err
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import train_dan
-from dan_recipe import config, data, loaders
+from dan_recipe import config, data, utils
 from tiny_runs import TINY
 
 FOLDERS = ["--data", "imagefolder", "--no-balanced-sampler", "--augment", "none", "--val-fraction", "0"]
@@ -26,7 +26,7 @@ def _cfg(root: Path, *extra: str) -> dict:
 def test_test_split_is_labelled_by_the_training_classes(tmp_path, make_imagefolder_tree):
     root = make_imagefolder_tree(tmp_path, 3, classes=("a", "b", "c"))
     shutil.rmtree(root / "test" / "b")
-    run = loaders.build_run_data(_cfg(root))
+    run = data.build_run_data(_cfg(root))
     assert run.class_names == ["a", "b", "c"]
     assert data.dataset_labels(run.test) == [0, 0, 0, 2, 2, 2]  # c stays class 2
     assert run.classes_without_samples["test"] == ["b"]
@@ -46,7 +46,7 @@ def test_a_run_scores_the_missing_class_row_empty(tmp_path, make_imagefolder_tre
 def test_a_test_class_that_training_lacks_is_an_error(tmp_path, make_imagefolder_tree):
     root = make_imagefolder_tree(tmp_path, 2, classes=("a", "b"))
     (root / "test" / "b").rename(root / "test" / "c")
-    with pytest.raises(SystemExit, match=r"test split has class folders 'c' that the training split lacks"):
+    with pytest.raises(utils.RecipeError, match=r"test split has class folders 'c' that the training split lacks"):
         train_dan.main([*TINY, *FOLDERS, "--data-root", str(root), "--out", str(tmp_path / "run")])
 
 
@@ -59,7 +59,7 @@ def test_eval_only_maps_the_test_split_by_the_checkpoint_classes(tmp_path, make_
     assert m["class_names"] == ["a", "b", "c"]
     assert [sum(row) for row in m["final"]["confusion_matrix"]] == [0, 3, 3]
     (root / "test" / "b").rename(root / "test" / "d")
-    with pytest.raises(SystemExit, match=r"class folders 'd' that the checkpoint .*last\.pt lacks"):
+    with pytest.raises(utils.RecipeError, match=r"class folders 'd' that the checkpoint .*last\.pt lacks"):
         train_dan.main([*TINY, "--eval-only", "--checkpoint", ckpt, "--out", str(tmp_path / "eval2")])
 
 

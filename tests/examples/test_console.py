@@ -16,7 +16,7 @@ import threading
 import pytest
 import torch
 import train_dan
-from dan_recipe import runtime
+from dan_recipe import train, utils
 from tiny_runs import EXAMPLES, ROOT, SYNTH
 from tiny_runs import TINY as QUIET_TINY
 
@@ -75,12 +75,12 @@ def test_amp_without_native_bf16_warns_once(tmp_path, monkeypatch, capsys):
     few = ["--synthetic-train", "8", "--synthetic-test", "7", "--batch-size", "4"]
     out = str(tmp_path / "a")
     train_dan.main([*TINY, *SYNTH, *few, "--no-progress", "--amp", "--epochs", "2", "--out", out])
-    assert capsys.readouterr().out.count(runtime.AMP_WITHOUT_BF16_WARNING) == 1
+    assert capsys.readouterr().out.count(train.AMP_WITHOUT_BF16_WARNING) == 1
     said: list[str] = []
     cpu = torch.device("cpu")
-    runtime.amp_setup({"amp": False, "amp_dtype": "auto"}, cpu, said.append)  # no --amp: nothing
+    train.amp_setup({"amp": False, "amp_dtype": "auto"}, cpu, said.append)  # no --amp: nothing
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda *a, **k: True)
-    _, dtype, _ = runtime.amp_setup({"amp": True, "amp_dtype": "auto"}, cpu, said.append)
+    _, dtype, _ = train.amp_setup({"amp": True, "amp_dtype": "auto"}, cpu, said.append)
     assert said == [] and dtype == torch.bfloat16  # native bf16: autocast without a word
 
 
@@ -91,16 +91,16 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
     bf16.write_text("flags\t\t: fpu avx2 avx512f avx512bw avx512_bf16\n")
     arm = tmp_path / "arm"
     arm.write_text("Features\t: fp asimd bf16 i8mm\n")
-    assert runtime.cpu_has_native_bf16(avx2) is False
-    assert runtime.cpu_has_native_bf16(bf16) is True
-    assert runtime.cpu_has_native_bf16(arm) is True
-    assert runtime.cpu_has_native_bf16(tmp_path / "missing") is None
+    assert train.cpu_has_native_bf16(avx2) is False
+    assert train.cpu_has_native_bf16(bf16) is True
+    assert train.cpu_has_native_bf16(arm) is True
+    assert train.cpu_has_native_bf16(tmp_path / "missing") is None
 
 
 def test_auto_threads_follow_what_other_processes_use(monkeypatch):
     """``--threads auto`` is decided again every epoch, from the CPU time others used meanwhile."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(utils.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(runtime, "busy_cpus", lambda interval=0.5: 1.2)  # busy at start-up
     now = {"wall": 0.0, "own": 0.0, "idle": 0, "total": 0}
     said: list[str] = []
@@ -111,8 +111,8 @@ def test_auto_threads_follow_what_other_processes_use(monkeypatch):
         now["idle"] += round(100 * seconds * (2 - own_cpus - other_cpus))
         now["total"] += round(100 * seconds * 2)
 
-    with runtime.ProcessSettings():
-        threads = runtime.AutoThreads(
+    with train._ProcessSettings():
+        threads = utils.AutoThreads(
             said.append, clock=lambda: now["wall"], cpu_clock=lambda: now["own"],
             stat=lambda: (now["idle"], now["total"]),
         )  # fmt: skip
@@ -124,7 +124,7 @@ def test_auto_threads_follow_what_other_processes_use(monkeypatch):
         threads.update()
         assert torch.get_num_threads() == 1
         clocks = {"clock": lambda: now["wall"], "cpu_clock": lambda: now["own"]}
-        frozen = runtime.AutoThreads(
+        frozen = utils.AutoThreads(
             said.append, adapt=False, stat=lambda: (now["idle"], now["total"]), **clocks
         )
         advance(30.0, own_cpus=1.0, other_cpus=0.0)

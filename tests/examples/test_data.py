@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dan_recipe import data, loaders, reporting, samplers
-from dan_recipe import synthetic_faces as sf
-from dan_recipe import transforms as T
+from dan_recipe import data, synthetic, transforms, utils
+
+
 from torch.utils.data import DataLoader
 
 SEEDS = (0, 1, 2, 3, 11)
@@ -28,91 +28,91 @@ SEEDS = (0, 1, 2, 3, 11)
 
 class TestSyntheticDesign:
     def test_table_is_complete_and_valid(self):
-        assert list(sf.REGION_STATES) == list(sf.CLASS_NAMES)
-        assert sf.CLASS_NAMES == ("Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral")
-        for name, states in sf.REGION_STATES.items():
-            assert set(states) == set(sf.REGIONS), name
+        assert list(synthetic.REGION_STATES) == list(synthetic.CLASS_NAMES)
+        assert synthetic.CLASS_NAMES == ("Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral")
+        for name, states in synthetic.REGION_STATES.items():
+            assert set(states) == set(synthetic.REGIONS), name
             for r, s in states.items():
-                assert s in sf.REGION_VALUES[r], (name, r, s)
-        assert sf.region_states(3) == sf.REGION_STATES["Happiness"]
+                assert s in synthetic.REGION_VALUES[r], (name, r, s)
+        assert synthetic.region_states(3) == synthetic.REGION_STATES["Happiness"]
 
     def test_all_classes_distinct_by_table(self):
-        rows = {tuple(sf.REGION_STATES[c][r] for r in sf.REGIONS) for c in sf.CLASS_NAMES}
+        rows = {tuple(synthetic.REGION_STATES[c][r] for r in synthetic.REGIONS) for c in synthetic.CLASS_NAMES}
         assert len(rows) == 7
-        assert sf.confusable_pairs() == []
+        assert synthetic.confusable_pairs() == []
 
-    @pytest.mark.parametrize("region", sf.REGIONS)
+    @pytest.mark.parametrize("region", synthetic.REGIONS)
     def test_hiding_any_region_merges_two_classes_by_table(self, region):
-        pairs = sf.confusable_pairs(region)
+        pairs = synthetic.confusable_pairs(region)
         assert pairs, f"hiding {region} leaves every class distinguishable"
         for i, j in pairs:
-            si, sj = sf.region_states(i), sf.region_states(j)
+            si, sj = synthetic.region_states(i), synthetic.region_states(j)
             assert si[region] != sj[region]
-            assert all(si[r] == sj[r] for r in sf.REGIONS if r != region)
+            assert all(si[r] == sj[r] for r in synthetic.REGIONS if r != region)
 
     def test_no_region_alone_decides(self):
         # every region state that occurs is shared by at least two classes or, if unique,
         # the class is still told apart by another region
-        for region in sf.REGIONS:
-            used = [sf.REGION_STATES[c][region] for c in sf.CLASS_NAMES]
+        for region in synthetic.REGIONS:
+            used = [synthetic.REGION_STATES[c][region] for c in synthetic.CLASS_NAMES]
             assert len(set(used)) < 7, region
 
-    @pytest.mark.parametrize("region", sf.REGIONS)
+    @pytest.mark.parametrize("region", synthetic.REGIONS)
     def test_hidden_region_gives_identical_images(self, region):
-        for i, j in sf.confusable_pairs(region):
+        for i, j in synthetic.confusable_pairs(region):
             for seed in SEEDS:
-                a = sf.render_face(i, np.random.default_rng(seed), 40, hidden_regions=(region,))
-                b = sf.render_face(j, np.random.default_rng(seed), 40, hidden_regions=(region,))
+                a = synthetic.render_face(i, np.random.default_rng(seed), 40, hidden_regions=(region,))
+                b = synthetic.render_face(j, np.random.default_rng(seed), 40, hidden_regions=(region,))
                 np.testing.assert_array_equal(a, b)
                 # with the region visible the same pair differs (the region carries the cue)
-                a = sf.render_face(i, np.random.default_rng(seed), 40)
-                b = sf.render_face(j, np.random.default_rng(seed), 40)
+                a = synthetic.render_face(i, np.random.default_rng(seed), 40)
+                b = synthetic.render_face(j, np.random.default_rng(seed), 40)
                 assert (a != b).any(axis=-1).sum() >= 4, (region, i, j, seed)
 
-    @pytest.mark.parametrize("region", sf.REGIONS)
+    @pytest.mark.parametrize("region", synthetic.REGIONS)
     def test_hidden_region_keeps_other_classes_apart(self, region):
-        pairs = set(sf.confusable_pairs(region))
-        imgs = [sf.render_face(k, np.random.default_rng(5), 40, hidden_regions=(region,)) for k in range(7)]
+        pairs = set(synthetic.confusable_pairs(region))
+        imgs = [synthetic.render_face(k, np.random.default_rng(5), 40, hidden_regions=(region,)) for k in range(7)]
         for i, j in itertools.combinations(range(7), 2):
             if (i, j) not in pairs:
                 assert not np.array_equal(imgs[i], imgs[j]), (region, i, j)
 
     @pytest.mark.parametrize("seed", SEEDS)
     def test_all_classes_distinct_in_pixels(self, seed):
-        imgs = [sf.render_face(k, np.random.default_rng(seed), 48).astype(np.int16) for k in range(7)]
+        imgs = [synthetic.render_face(k, np.random.default_rng(seed), 48).astype(np.int16) for k in range(7)]
         for i, j in itertools.combinations(range(7), 2):
             differing = (np.abs(imgs[i] - imgs[j]).max(axis=-1) > 30).sum()
             assert differing >= 6, (seed, i, j, differing)
 
     def test_render_output_and_determinism(self):
-        a = sf.render_face(2, 7, 33)
+        a = synthetic.render_face(2, 7, 33)
         assert a.shape == (33, 33, 3) and a.dtype == np.uint8
-        np.testing.assert_array_equal(a, sf.render_face(2, 7, 33))
-        assert not np.array_equal(a, sf.render_face(2, 8, 33))
+        np.testing.assert_array_equal(a, synthetic.render_face(2, 7, 33))
+        assert not np.array_equal(a, synthetic.render_face(2, 8, 33))
         assert a.std() > 10  # not a blank canvas
 
     def test_render_errors(self):
         with pytest.raises(ValueError, match="label"):
-            sf.render_face(7, 0, 32)
+            synthetic.render_face(7, 0, 32)
         with pytest.raises(ValueError, match="size"):
-            sf.render_face(0, 0, 8)
+            synthetic.render_face(0, 0, 8)
         with pytest.raises(ValueError, match="hidden_regions"):
-            sf.render_face(0, 0, 32, hidden_regions=("ears",))
+            synthetic.render_face(0, 0, 32, hidden_regions=("ears",))
         with pytest.raises(ValueError, match="label"):
-            sf.region_states(-1)
+            synthetic.region_states(-1)
 
 
 class TestSyntheticDataset:
     def test_balanced_labels_and_len(self):
-        ds = sf.SyntheticFaces(52, 24, seed=3)
-        assert len(ds) == 52 and ds.classes == list(sf.CLASS_NAMES)
+        ds = synthetic.SyntheticFaces(52, 24, seed=3)
+        assert len(ds) == 52 and ds.classes == list(synthetic.CLASS_NAMES)
         counts = np.bincount(ds.targets, minlength=7)
         assert counts.max() - counts.min() <= 1 and counts.sum() == 52
         assert ds.targets != sorted(ds.targets)  # shuffled
 
     def test_sample_is_pure_function_of_seed_split_index(self):
-        a = sf.SyntheticFaces(21, 24, seed=1, split="train")
-        b = sf.SyntheticFaces(21, 24, seed=1, split="train")
+        a = synthetic.SyntheticFaces(21, 24, seed=1, split="train")
+        b = synthetic.SyntheticFaces(21, 24, seed=1, split="train")
         xs = [a[i] for i in (5, 0, 20)]
         ys = [b[i] for i in (20, 5, 0)]
         torch.testing.assert_close(xs[0][0], ys[1][0], rtol=0, atol=0)
@@ -123,28 +123,28 @@ class TestSyntheticDataset:
         assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
 
     def test_splits_and_seeds_differ(self):
-        tr = sf.SyntheticFaces(14, 24, seed=1, split="train")
-        te = sf.SyntheticFaces(14, 24, seed=1, split="test")
-        other = sf.SyntheticFaces(14, 24, seed=2, split="train")
+        tr = synthetic.SyntheticFaces(14, 24, seed=1, split="train")
+        te = synthetic.SyntheticFaces(14, 24, seed=1, split="test")
+        other = synthetic.SyntheticFaces(14, 24, seed=2, split="train")
         assert not torch.equal(tr[0][0], te[0][0])
         assert not torch.equal(tr[0][0], other[0][0])
 
     def test_transform_and_hidden_regions(self):
-        tf = T.build_transforms("demo", 20, train=False)
-        ds = sf.SyntheticFaces(7, 32, transform=tf, hidden_regions=("mouth",))
+        tf = data.build_transforms("demo", 20, train=False)
+        ds = synthetic.SyntheticFaces(7, 32, transform=tf, hidden_regions=("mouth",))
         x, _ = ds[0]
         assert x.shape == (3, 20, 20)
         assert x.min() < 0  # normalised
-        ref = sf.render_face(ds.targets[0], np.random.default_rng([0, 0, 0]), 32, ("mouth",))
+        ref = synthetic.render_face(ds.targets[0], np.random.default_rng([0, 0, 0]), 32, ("mouth",))
         np.testing.assert_array_equal(ds.render(0), ref)
 
     def test_errors(self):
         with pytest.raises(ValueError, match="split"):
-            sf.SyntheticFaces(7, 32, split="val")
+            synthetic.SyntheticFaces(7, 32, split="validation")
         with pytest.raises(ValueError, match="num_samples"):
-            sf.SyntheticFaces(0, 32)
+            synthetic.SyntheticFaces(0, 32)
         with pytest.raises(IndexError):
-            sf.SyntheticFaces(7, 32)[7]
+            synthetic.SyntheticFaces(7, 32)[7]
 
 
 # --------------------------------------------------------------------------------------
@@ -157,12 +157,12 @@ def gen(seed: int = 0) -> torch.Generator:
 
 
 RANDOM_TRANSFORMS = {
-    "flip": lambda g: T.RandomHorizontalFlip(generator=g),
-    "rotation": lambda g: T.RandomRotation(20, generator=g),
-    "crop": lambda g: T.RandomCrop(24, padding=4, generator=g),
-    "erasing": lambda g: T.RandomErasing(p=1.0, scale=(0.02, 0.25), generator=g),
-    "affine": lambda g: T.RandomAffine(20, translate=(0.2, 0.2), scale=(0.8, 1.0), generator=g),
-    "apply": lambda g: T.RandomApply([T.RandomRotation(20, generator=g)], p=0.5, generator=g),
+    "flip": lambda g: data.RandomHorizontalFlip(generator=g),
+    "rotation": lambda g: data.RandomRotation(20, generator=g),
+    "crop": lambda g: data.RandomCrop(24, padding=4, generator=g),
+    "erasing": lambda g: data.RandomErasing(p=1.0, scale=(0.02, 0.25), generator=g),
+    "affine": lambda g: data.RandomAffine(20, translate=(0.2, 0.2), scale=(0.8, 1.0), generator=g),
+    "apply": lambda g: data.RandomApply([data.RandomRotation(20, generator=g)], p=0.5, generator=g),
 }
 
 
@@ -180,7 +180,7 @@ class TestTransforms:
 
     def test_batch_draws_per_image(self):
         xb = torch.rand(1, 3, 16, 16).expand(32, 3, 16, 16).contiguous()
-        out = T.RandomHorizontalFlip(generator=gen())(xb)
+        out = data.RandomHorizontalFlip(generator=gen())(xb)
         flipped = [torch.equal(o, xb[0].flip(-1)) for o in out]
         assert 0 < sum(flipped) < 32
 
@@ -188,66 +188,66 @@ class TestTransforms:
         from PIL import Image
 
         arr = (np.arange(4 * 5 * 3) % 256).astype(np.uint8).reshape(4, 5, 3)
-        t = T.ToTensor()(arr)
+        t = transforms.ToTensor()(arr)
         assert t.shape == (3, 4, 5) and t.dtype == torch.float32
         torch.testing.assert_close(t, torch.from_numpy(arr).permute(2, 0, 1).float() / 255)
-        torch.testing.assert_close(T.ToTensor()(Image.fromarray(arr)), t)
-        torch.testing.assert_close(T.ToTensor()(torch.from_numpy(arr).permute(2, 0, 1)), t)
-        assert T.ToTensor()(t) is t
-        assert T.ToTensor()(np.zeros((4, 5), np.uint8)).shape == (1, 4, 5)
+        torch.testing.assert_close(transforms.ToTensor()(Image.fromarray(arr)), t)
+        torch.testing.assert_close(transforms.ToTensor()(torch.from_numpy(arr).permute(2, 0, 1)), t)
+        assert transforms.ToTensor()(t) is t
+        assert transforms.ToTensor()(np.zeros((4, 5), np.uint8)).shape == (1, 4, 5)
 
     def test_resize_normalize(self):
         x = torch.rand(3, 40, 30)
-        assert T.Resize(16)(x).shape == (3, 16, 16)
-        assert T.Resize((10, 12))(x[None]).shape == (1, 3, 10, 12)
+        assert transforms.Resize(16)(x).shape == (3, 16, 16)
+        assert transforms.Resize((10, 12))(x[None]).shape == (1, 3, 10, 12)
         const = torch.full((3, 40, 30), 0.3)
-        torch.testing.assert_close(T.Resize(8)(const), torch.full((3, 8, 8), 0.3))
-        n = T.Normalize()(torch.ones(3, 2, 2))
-        expect = [(1 - m) / s for m, s in zip(T.IMAGENET_MEAN, T.IMAGENET_STD, strict=True)]
+        torch.testing.assert_close(transforms.Resize(8)(const), torch.full((3, 8, 8), 0.3))
+        n = transforms.Normalize()(torch.ones(3, 2, 2))
+        expect = [(1 - m) / s for m, s in zip(transforms.IMAGENET_MEAN, transforms.IMAGENET_STD, strict=True)]
         torch.testing.assert_close(n[:, 0, 0], torch.tensor(expect))
         with pytest.raises(ValueError, match="channels"):
-            T.Normalize()(torch.ones(1, 2, 2))
+            transforms.Normalize()(torch.ones(1, 2, 2))
 
     def test_rotation_geometry(self):
         x = torch.rand(2, 3, 9, 9)
-        out = T.RandomRotation((90, 90))(x)
+        out = data.RandomRotation((90, 90))(x)
         torch.testing.assert_close(out, torch.rot90(x, 1, dims=(-2, -1)), atol=1e-5, rtol=0)
-        torch.testing.assert_close(T.RandomRotation(0)(x), x, atol=1e-6, rtol=0)
-        filled = T.RandomRotation((45, 45), fill=0.7)(torch.zeros(1, 1, 16, 16))
+        torch.testing.assert_close(data.RandomRotation(0)(x), x, atol=1e-6, rtol=0)
+        filled = data.RandomRotation((45, 45), fill=0.7)(torch.zeros(1, 1, 16, 16))
         assert abs(float(filled[0, 0, 0, 0]) - 0.7) < 1e-5  # a corner comes from outside
 
     def test_affine_identity_and_translation(self):
         x = torch.rand(1, 3, 12, 12)
-        ident = T.RandomAffine(0, translate=(0.0, 0.0), scale=(1.0, 1.0))(x)
+        ident = data.RandomAffine(0, translate=(0.0, 0.0), scale=(1.0, 1.0))(x)
         torch.testing.assert_close(ident, x, atol=1e-6, rtol=0)
 
     def test_crop_and_erasing_details(self):
         x = torch.rand(3, 16, 16)
-        torch.testing.assert_close(T.RandomCrop(16)(x), x)
-        padded = T.RandomCrop(16, padding=8, generator=gen(1))(torch.ones(16, 3, 16, 16))
+        torch.testing.assert_close(data.RandomCrop(16)(x), x)
+        padded = data.RandomCrop(16, padding=8, generator=gen(1))(torch.ones(16, 3, 16, 16))
         assert (padded == 0).any()  # some crops show the padding
-        er = T.RandomErasing(p=1.0, scale=(0.1, 0.2), value=-5.0, generator=gen(2))(torch.zeros(8, 3, 32, 32))
+        er = data.RandomErasing(p=1.0, scale=(0.1, 0.2), value=-5.0, generator=gen(2))(torch.zeros(8, 3, 32, 32))
         frac = (er == -5.0).float().mean(dim=(1, 2, 3))
         assert bool(((frac > 0.05) & (frac < 0.3)).all()), frac
-        assert torch.equal(T.RandomErasing(p=0.0)(x), x)
+        assert torch.equal(data.RandomErasing(p=0.0)(x), x)
 
-    @pytest.mark.parametrize("preset", T.PRESETS)
+    @pytest.mark.parametrize("preset", data.AUGMENT_PRESETS)
     def test_presets(self, preset):
         img = torch.rand(3, 50, 40)
-        tr = T.build_transforms(preset, 32, train=True, generator=gen())
-        ev = T.build_transforms(preset, 32, train=False)
+        tr = data.build_transforms(preset, 32, train=True, generator=gen())
+        ev = data.build_transforms(preset, 32, train=False)
         assert tr(img).shape == (3, 32, 32)
         assert ev(img).shape == (3, 32, 32)
         torch.testing.assert_close(ev(img), ev(img))
-        a = T.build_transforms(preset, 32, train=True, generator=gen(9))
-        b = T.build_transforms(preset, 32, train=True, generator=gen(9))
+        a = data.build_transforms(preset, 32, train=True, generator=gen(9))
+        b = data.build_transforms(preset, 32, train=True, generator=gen(9))
         for _ in range(3):
             torch.testing.assert_close(a(img), b(img), rtol=0, atol=0)
         r = repr(tr)
         assert "Normalize" in r and "RandomHorizontalFlip" in r
 
     def test_rafdb_preset_matches_recipe(self):
-        tf = T.build_transforms("rafdb", 224, train=True)
+        tf = data.build_transforms("rafdb", 224, train=True)
         kinds = [type(t).__name__ for t in tf.transforms]
         assert kinds == [
             "ToTensor",
@@ -260,20 +260,20 @@ class TestTransforms:
         app = tf.transforms[3]
         assert app.p == 0.2 and [type(t).__name__ for t in app.transforms] == ["RandomRotation", "RandomCrop"]
         assert app.transforms[1].padding == 32 and tf.transforms[-1].scale == (0.02, 0.25)
-        aff = T.build_transforms("affectnet", 224, train=True).transforms[3]
+        aff = data.build_transforms("affectnet", 224, train=True).transforms[3]
         assert aff.p == 0.7 and type(aff.transforms[0]).__name__ == "RandomAffine"
 
     def test_errors(self):
         with pytest.raises(ValueError, match="preset"):
-            T.build_transforms("imagenet", 32, True)
+            data.build_transforms("imagenet", 32, True)
         with pytest.raises(ValueError, match="probability"):
-            T.RandomHorizontalFlip(p=1.5)
+            data.RandomHorizontalFlip(p=1.5)
         with pytest.raises(ValueError, match="at least"):
-            T.RandomCrop(40)(torch.rand(3, 16, 16))
+            data.RandomCrop(40)(torch.rand(3, 16, 16))
         with pytest.raises(ValueError, match=r"\(C, H, W\)"):
-            T.Resize(8)(torch.rand(16, 16))
+            transforms.Resize(8)(torch.rand(16, 16))
         with pytest.raises(TypeError):
-            T.Resize(8)(np.zeros((3, 8, 8), np.float32))
+            transforms.Resize(8)(np.zeros((3, 8, 8), np.float32))
 
 
 # --------------------------------------------------------------------------------------
@@ -287,10 +287,10 @@ class TestRafDB:
         tr, te = data.RafDB(root, "train"), data.RafDB(root, "test")
         assert len(tr) == 14 and len(te) == 9
         assert tr.targets == [i % 7 for i in range(14)]
-        assert tr.classes == list(data.RAFDB_CLASSES) and tr.classes[0] == "Surprise"
+        assert tr.classes == list(utils.RAFDB_CLASSES) and tr.classes[0] == "Surprise"
         x, y = tr[3]
         assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 3
-        tf = T.build_transforms("rafdb", 24, train=True)
+        tf = data.build_transforms("rafdb", 24, train=True)
         x, _ = data.RafDB(root, "test", transform=tf)[0]
         assert x.shape == (3, 24, 24)
 
@@ -361,7 +361,7 @@ class TestAffectNet:
     def test_eight_and_seven_classes(self, tmp_path, make_affectnet_tree):
         root = make_affectnet_tree(tmp_path, 2)
         ds8 = data.AffectNet(root, "train")
-        assert len(ds8) == 16 and ds8.classes == list(data.AFFECTNET_CLASSES)
+        assert len(ds8) == 16 and ds8.classes == list(utils.AFFECTNET_CLASSES)
         assert sorted(set(ds8.targets)) == list(range(8))
         ds7 = data.AffectNet(root, "val", num_classes=7)
         assert len(ds7) == 14 and max(ds7.targets) == 6 and "Contempt" not in ds7.classes
@@ -369,7 +369,7 @@ class TestAffectNet:
         assert x.shape == (3, 32, 32) and y == 6
 
     def test_order_matches_design(self):
-        assert data.AFFECTNET_CLASSES == (
+        assert utils.AFFECTNET_CLASSES == (
             "Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt",
         )  # fmt: skip
 
@@ -420,33 +420,33 @@ class TestImageFolder:
 
 class TestBuildDataset:
     def test_synthetic(self):
-        ds = loaders.build_dataset("synthetic", None, "train", 24, num_samples=14, seed=1)
-        assert len(ds) == 14 and ds.classes == list(sf.CLASS_NAMES)
+        ds = data.build_dataset("synthetic", None, "train", 24, num_samples=14, seed=1)
+        assert len(ds) == 14 and ds.classes == list(synthetic.CLASS_NAMES)
         assert ds[0][0].shape == (3, 24, 24)
-        te = loaders.build_dataset("synthetic", None, "test", 24, preset="demo")
+        te = data.build_dataset("synthetic", None, "test", 24, preset="demo")
         assert len(te) == 700
         with pytest.raises(ValueError, match="7 classes"):
-            loaders.build_dataset("synthetic", None, "train", 24, num_classes=8)
+            data.build_dataset("synthetic", None, "train", 24, num_classes=8)
 
     def test_file_kinds(self, tmp_path, make_rafdb_tree, make_affectnet_tree, make_imagefolder_tree):
-        r = loaders.build_dataset("rafdb", make_rafdb_tree(tmp_path, 7, n_test=3), "test", 20)
+        r = data.build_dataset("rafdb", make_rafdb_tree(tmp_path, 7, n_test=3), "test", 20)
         assert len(r) == 3 and r[0][0].shape == (3, 20, 20)
-        a = loaders.build_dataset("affectnet", make_affectnet_tree(tmp_path, 1), "test", 20, num_classes=7)
+        a = data.build_dataset("affectnet", make_affectnet_tree(tmp_path, 1), "test", 20, num_classes=7)
         assert len(a) == 7 and a.split == "val"  # no test folder: val
         root = make_imagefolder_tree(tmp_path, 1, splits=("Train", "Val"))
-        f = loaders.build_dataset("imagefolder", root, "test", 20, preset="affectnet")
+        f = data.build_dataset("imagefolder", root, "test", 20, preset="affectnet")
         assert len(f) == 3 and f[0][0].shape == (3, 20, 20)
-        assert len(loaders.build_dataset("imagefolder", root, "train", 20, num_classes=3)) == 3
+        assert len(data.build_dataset("imagefolder", root, "train", 20, num_classes=3)) == 3
         with pytest.raises(ValueError, match="num_classes=4"):
-            loaders.build_dataset("imagefolder", root, "train", 20, num_classes=4)
+            data.build_dataset("imagefolder", root, "train", 20, num_classes=4)
         with pytest.raises(FileNotFoundError, match="imagefolder split 'extra'"):
-            loaders.build_dataset("imagefolder", root, "extra", 20)
+            data.build_dataset("imagefolder", root, "extra", 20)
 
     def test_errors(self, tmp_path):
         with pytest.raises(ValueError, match="kind"):
-            loaders.build_dataset("fer2013", tmp_path)
+            data.build_dataset("fer2013", tmp_path)
         with pytest.raises(ValueError, match="root"):
-            loaders.build_dataset("rafdb", None)
+            data.build_dataset("rafdb", None)
 
 
 # --------------------------------------------------------------------------------------
@@ -458,7 +458,7 @@ class TestClassBalancedSampler:
     LABELS = [0] * 900 + [1] * 90 + [2] * 9 + [5] * 1
 
     def test_balance(self):
-        s = samplers.ClassBalancedSampler(self.LABELS, num_samples=40_000, seed=0)
+        s = data.ClassBalancedSampler(self.LABELS, num_samples=40_000, seed=0)
         drawn = torch.tensor(self.LABELS)[torch.tensor(list(s))]
         counts = torch.bincount(drawn, minlength=6)[[0, 1, 2, 5]].double()
         # expected 10_000 each; binomial sd ~87, so 5 % is > 5 sd
@@ -466,20 +466,20 @@ class TestClassBalancedSampler:
         assert len(s) == 40_000
 
     def test_epochs_are_deterministic(self):
-        s = samplers.ClassBalancedSampler(torch.tensor(self.LABELS), seed=3)
+        s = data.ClassBalancedSampler(torch.tensor(self.LABELS), seed=3)
         e0 = list(s)
         assert list(s) == e0 and len(e0) == len(self.LABELS)
         s.set_epoch(1)
         e1 = list(s)
         assert e1 != e0
-        t = samplers.ClassBalancedSampler(self.LABELS, seed=3)
+        t = data.ClassBalancedSampler(self.LABELS, seed=3)
         t.set_epoch(1)
         assert list(t) == e1
-        assert list(samplers.ClassBalancedSampler(self.LABELS, seed=4)) != e0
+        assert list(data.ClassBalancedSampler(self.LABELS, seed=4)) != e0
 
     def test_shards_cover_the_global_draw(self):
         shards = [
-            samplers.ClassBalancedSampler(self.LABELS, 1001, seed=1, rank=r, world_size=3) for r in range(3)
+            data.ClassBalancedSampler(self.LABELS, 1001, seed=1, rank=r, world_size=3) for r in range(3)
         ]
         for s in shards:
             s.set_epoch(2)
@@ -492,11 +492,11 @@ class TestClassBalancedSampler:
 
     def test_errors(self):
         with pytest.raises(ValueError, match="non-empty"):
-            samplers.ClassBalancedSampler([])
+            data.ClassBalancedSampler([])
         with pytest.raises(ValueError, match="rank"):
-            samplers.ClassBalancedSampler([0, 1], rank=2, world_size=2)
+            data.ClassBalancedSampler([0, 1], rank=2, world_size=2)
         with pytest.raises(ValueError, match="num_samples"):
-            samplers.ClassBalancedSampler([0, 1], num_samples=0)
+            data.ClassBalancedSampler([0, 1], num_samples=0)
 
 
 # --------------------------------------------------------------------------------------
@@ -506,57 +506,57 @@ class TestClassBalancedSampler:
 
 class TestMetrics:
     def test_confusion_matrix(self):
-        cm = reporting.confusion_matrix(torch.tensor([0, 1, 2, 2, 1]), torch.tensor([0, 1, 1, 2, 2]), 3)
+        cm = utils.confusion_matrix(torch.tensor([0, 1, 2, 2, 1]), torch.tensor([0, 1, 1, 2, 2]), 3)
         assert cm.dtype == torch.int64
         assert cm.tolist() == [[1, 0, 0], [0, 1, 1], [0, 1, 1]]
         logits = torch.tensor([[2.0, 0.1], [0.0, 1.0]])
-        assert reporting.confusion_matrix(logits, [1, 1], 2).tolist() == [[0, 0], [1, 1]]
-        assert reporting.confusion_matrix([], [], 4).sum() == 0
+        assert utils.confusion_matrix(logits, [1, 1], 2).tolist() == [[0, 0], [1, 1]]
+        assert utils.confusion_matrix([], [], 4).sum() == 0
         with pytest.raises(ValueError, match=r"targets in \[0, 3\)"):
-            reporting.confusion_matrix([0], [3], 3)
+            utils.confusion_matrix([0], [3], 3)
         with pytest.raises(ValueError, match="as many"):
-            reporting.confusion_matrix([0, 1], [0], 3)
+            utils.confusion_matrix([0, 1], [0], 3)
 
     def test_imbalanced_accuracy_vs_balanced(self):
         # 90 of class 0 all right, 10 of class 1 all predicted as 0
         cm = torch.tensor([[90, 0], [10, 0]])
-        assert reporting.accuracy_from_confusion(cm) == pytest.approx(0.9)
-        assert reporting.balanced_accuracy_from_confusion(cm) == pytest.approx(0.5)
+        assert utils.accuracy_from_confusion(cm) == pytest.approx(0.9)
+        assert utils.balanced_accuracy_from_confusion(cm) == pytest.approx(0.5)
 
     def test_known_three_class(self):
         cm = torch.tensor([[8, 1, 1], [2, 6, 2], [0, 0, 5]])
-        assert reporting.accuracy_from_confusion(cm) == pytest.approx(19 / 25)
-        assert reporting.balanced_accuracy_from_confusion(cm) == pytest.approx((0.8 + 0.6 + 1.0) / 3)
+        assert utils.accuracy_from_confusion(cm) == pytest.approx(19 / 25)
+        assert utils.balanced_accuracy_from_confusion(cm) == pytest.approx((0.8 + 0.6 + 1.0) / 3)
         torch.testing.assert_close(
-            reporting.per_class_recall(cm), torch.tensor([0.8, 0.6, 1.0], dtype=torch.float64)
+            utils.per_class_recall(cm), torch.tensor([0.8, 0.6, 1.0], dtype=torch.float64)
         )
 
     def test_classes_without_samples_are_excluded(self):
         cm = torch.tensor([[3, 1, 0], [0, 0, 0], [0, 2, 2]])  # class 1 has no samples but gets predictions
-        assert reporting.balanced_accuracy_from_confusion(cm) == pytest.approx((0.75 + 0.5) / 2)
-        assert math.isnan(reporting.per_class_recall(cm)[1])
-        assert math.isnan(reporting.balanced_accuracy_from_confusion(torch.zeros(3, 3, dtype=torch.long)))
-        assert math.isnan(reporting.accuracy_from_confusion(torch.zeros(3, 3, dtype=torch.long)))
+        assert utils.balanced_accuracy_from_confusion(cm) == pytest.approx((0.75 + 0.5) / 2)
+        assert math.isnan(utils.per_class_recall(cm)[1])
+        assert math.isnan(utils.balanced_accuracy_from_confusion(torch.zeros(3, 3, dtype=torch.long)))
+        assert math.isnan(utils.accuracy_from_confusion(torch.zeros(3, 3, dtype=torch.long)))
         with pytest.raises(ValueError, match="square"):
-            reporting.accuracy_from_confusion(torch.zeros(2, 3))
+            utils.accuracy_from_confusion(torch.zeros(2, 3))
 
     def test_matches_model_predictions_roundtrip(self):
         g = gen(0)
         t = torch.randint(0, 5, (200,), generator=g)
         p = torch.where(torch.rand(200, generator=g) < 0.7, t, torch.randint(0, 5, (200,), generator=g))
-        cm = reporting.confusion_matrix(p, t, 5)
-        assert reporting.accuracy_from_confusion(cm) == pytest.approx(float((p == t).double().mean()))
+        cm = utils.confusion_matrix(p, t, 5)
+        assert utils.accuracy_from_confusion(cm) == pytest.approx(float((p == t).double().mean()))
         recalls = [float((p[t == k] == k).double().mean()) for k in range(5)]
-        assert reporting.balanced_accuracy_from_confusion(cm) == pytest.approx(sum(recalls) / 5)
+        assert utils.balanced_accuracy_from_confusion(cm) == pytest.approx(sum(recalls) / 5)
 
 
 def test_modules_do_not_import_torchvision():
     import sys
 
     assert "torchvision" not in sys.modules or all(
-        "torchvision" not in (getattr(m, "__file__", "") or "") for m in (data, T, sf)
+        "torchvision" not in (getattr(m, "__file__", "") or "") for m in (data, transforms, synthetic)
     )
-    for mod in (data, T, sf):
+    for mod in (data, transforms, synthetic):
         src = Path(mod.__file__).read_text()
         assert "import torchvision" not in src and "from torchvision" not in src
     for path in sorted(Path(data.__file__).parent.glob("*.py")):  # every module of the recipe
@@ -564,31 +564,61 @@ def test_modules_do_not_import_torchvision():
         assert "import torchvision" not in src and "from torchvision" not in src, path.name
 
 
-def test_save_faces_writes_one_png_per_class_and_never_overwrites(tmp_path):
+def test_face_tree_writes_class_folders_per_split_and_never_overwrites(tmp_path):
     from PIL import Image
 
-    paths = sf.save_faces(tmp_path, size=32)
-    assert [p.stem.rsplit("_", 1)[-1] for p in paths] == list(sf.CLASS_NAMES)
-    assert all(Image.open(p).size == (32, 32) for p in paths)
+    written = synthetic.write_face_tree(tmp_path, {"train": 2, "val": 1, "test": 1}, size=32)
+    assert written == {"train": 14, "val": 7, "test": 7}
+    for split, n in (("train", 2), ("val", 1), ("test", 1)):
+        assert sorted(p.name for p in (tmp_path / split).iterdir()) == sorted(synthetic.CLASS_NAMES)
+        for name in synthetic.CLASS_NAMES:
+            files = sorted((tmp_path / split / name).iterdir())
+            assert len(files) == n and all(Image.open(f).size == (32, 32) for f in files)
+    # the tree reads back as the recipe's class folders, one class per folder
+    ds = data.ImageFolder(tmp_path / "train")
+    assert ds.classes == sorted(synthetic.CLASS_NAMES) and len(ds) == 14
+    # splits draw from their own streams: no test face is a training face
+    train_px = {Image.open(f).tobytes() for f in (tmp_path / "train").rglob("*.png")}
+    assert not train_px & {Image.open(f).tobytes() for f in (tmp_path / "test").rglob("*.png")}
     with pytest.raises(FileExistsError, match="already there"):
-        sf.save_faces(tmp_path, size=32)
+        synthetic.write_face_tree(tmp_path, {"train": 2}, size=32)
     fresh = tmp_path / "fresh"
-    fresh.mkdir()
-    (fresh / paths[-1].name).write_bytes(b"mine")  # one name taken: nothing is written, nothing replaced
+    first = synthetic.CLASS_NAMES[synthetic.SyntheticFaces(7, 32, split="test").targets[0]]
+    taken = fresh / "test" / first / "test_00000.png"
+    taken.parent.mkdir(parents=True)
+    taken.write_bytes(b"mine")  # one name taken: nothing is written, nothing replaced
     with pytest.raises(FileExistsError, match="already there"):
-        sf.save_faces(fresh, size=32)
-    assert [p.name for p in fresh.iterdir()] == [paths[-1].name]
-    assert (fresh / paths[-1].name).read_bytes() == b"mine"
+        synthetic.write_face_tree(fresh, {"train": 1, "test": 1}, size=32)
+    assert [p for p in fresh.rglob("*") if p.is_file()] == [taken] and taken.read_bytes() == b"mine"
 
 
-@pytest.mark.parametrize("args", [[], ["{out}", "big"], ["{out}", "8"], ["{out}", "32", "more"]])
-def test_save_faces_command_says_a_mistake_in_one_line(tmp_path, args):
+def _synthetic_command(args, cwd):
     import subprocess
     import sys
 
+    command = [sys.executable, "-m", "dan_recipe.synthetic", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["{out}", "--size", "big"], ["{out}", "--size", "8"], ["{out}", "--train", "-1"], ["{out}", "--bogus"],
+     ["{out}", "--train", "0", "--val", "0", "--test", "0"]],
+)
+def test_synthetic_command_says_a_mistake_in_one_line(tmp_path, args):
     out = tmp_path / "faces"
-    command = [sys.executable, "-m", "dan_recipe.synthetic_faces", *(a.format(out=out) for a in args)]
-    examples = Path(sf.__file__).parent.parent
-    res = subprocess.run(command, capture_output=True, text=True, cwd=examples, timeout=120)
+    res = _synthetic_command([a.format(out=out) for a in args], Path(synthetic.__file__).parent.parent)
     assert res.returncode == 1 and res.stdout == "" and not out.exists()  # a refused command makes nothing
     assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+
+
+def test_synthetic_command_help_and_tree(tmp_path):
+    examples = Path(synthetic.__file__).parent.parent
+    res = _synthetic_command(["--help"], examples)  # was: a folder named --help holding 7 PNGs
+    assert res.returncode == 0 and "--train" in res.stdout and "--seed" in res.stdout
+    assert not (examples / "--help").exists()
+    out = tmp_path / "faces"
+    res = _synthetic_command([str(out), "--train", "2", "--val", "0", "--test", "1", "--size", "24"], examples)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train"]
+    assert len(list((out / "train").rglob("*.png"))) == 14 and len(list((out / "test").rglob("*.png"))) == 7

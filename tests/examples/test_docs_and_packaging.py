@@ -14,8 +14,8 @@ import sys
 import tarfile
 
 import pytest
-from dan_recipe import config, optim
-from dan_recipe import model as recipe_model
+from dan_recipe import config, train
+
 from tiny_runs import ROOT
 
 README = ROOT / "README.md"
@@ -106,5 +106,5 @@ def test_demo_preset_stays_within_its_compute_budget():
     assert seen <= 9_000, f"the demo trains on {seen} images; its time budget allows 9,000"
     assert demo["image_size"] <= 48
     cfg, _ = config.resolve_config(["--preset", "demo"])
-    net = recipe_model.build_model_with_losses(cfg, 7)
-    assert optim.build_optimizer(cfg, net).defaults.get("fused") is True
+    net = train.build_model_with_losses(cfg, 7)
+    assert train.build_optimizer(cfg, net).defaults.get("fused") is True

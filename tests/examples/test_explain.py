@@ -14,7 +14,7 @@ import explain
 import numpy as np
 import pytest
 import torch
-from dan_recipe import explain_run, head_maps, inference, sources
+from dan_recipe import gradcam, photos, records
 from photo_helpers import (
     CLASS_NAMES,
     QUIET_CPU,
@@ -53,8 +53,8 @@ def test_one_png_and_npz_per_face_with_the_maps_of_every_head(photos, ours, tmp_
     # two sources share the stem "face": the second gets -2; the faceless coffee writes nothing
     assert sorted(p.name for p in out.iterdir()) == [
         "face-2_face0.npz", "face-2_face0.png", "face_face0.npz", "face_face0.png", "face_face1.npz",
-        "face_face1.png", explain_run.INDEX_NAME]  # fmt: skip
-    index = [json.loads(line) for line in (out / explain_run.INDEX_NAME).read_text().splitlines()]
+        "face_face1.png", explain.INDEX_NAME]  # fmt: skip
+    index = [json.loads(line) for line in (out / explain.INDEX_NAME).read_text().splitlines()]
     assert [(r["source"].rsplit("/", 2)[-2], r["face"], r["png"]) for r in index] == [
         ("a", 0, "face_face0.png"), ("a", 1, "face_face1.png"), ("b", 0, "face-2_face0.png")]  # fmt: skip
     maps = np.load(out / "face-2_face0.npz")
@@ -76,16 +76,16 @@ def test_saved_maps_are_those_of_the_model_for_the_target(photos, ours, tmp_path
             "--target", CLASS_NAMES[2].upper(), *QUIET_CPU]  # fmt: skip
     assert run_cli(explain.main, argv, capsys)[0] == 0
     saved = np.load(out / "face_face0.npz")
-    net, info = inference.load_checkpoint_for_inference(str(ours), fast=False)
-    classifier = inference.FaceClassifier(net, info)
-    (box,) = [json.loads(line)["box"] for line in (out / explain_run.INDEX_NAME).read_text().splitlines()]
-    from dan_recipe import faces
+    net, info = photos.load_checkpoint_for_inference(str(ours), fast=False)
+    classifier = photos.FaceClassifier(net, info)
+    (box,) = [json.loads(line)["box"] for line in (out / explain.INDEX_NAME).read_text().splitlines()]
+    
 
-    crop = faces.crop_face(sources.read_image(photos / "b" / "face.png"), faces.Box(*box))
-    expected = head_maps.explain_heads(net, classifier.batch([crop]), target=2)
+    crop = photos.crop_face(photos.read_image(photos / "b" / "face.png"), records.Box(*box))
+    expected = gradcam.explain_heads(net, classifier.batch([crop]), target=2)
     assert int(saved["target"]) == 2
     np.testing.assert_allclose(saved["attention"], expected.attention[0].numpy(), rtol=1e-4, atol=1e-5)
-    cam = head_maps.upsample_maps(expected.gradcam[0], 64).numpy()
+    cam = gradcam.upsample_maps(expected.gradcam[0], 64).numpy()
     np.testing.assert_allclose(saved["gradcam"], cam, rtol=1e-3, atol=1e-4 * cam.max())
 
 

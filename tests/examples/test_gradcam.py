@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dan_recipe import gradcam, head_maps, model
+from dan_recipe import gradcam, model
 from photo_helpers import save_our_checkpoint  # noqa: F401  (puts examples/ on sys.path)
 from torch import nn
 
@@ -112,7 +112,7 @@ def _loop_gradcam(attended: np.ndarray, grads: np.ndarray) -> np.ndarray:
 def test_every_head_equals_a_per_head_computation_in_the_authors_layout():
     net = _dan(num_heads=3)
     x = torch.randn(2, 3, 96, 96)  # 3 x 3 feature maps
-    got = head_maps.explain_heads(net, x, target=[0, 2])
+    got = gradcam.explain_heads(net, x, target=[0, 2])
     assert got.attention.shape == got.gradcam.shape == (2, 3, 3, 3)
     assert got.target.tolist() == [0, 2]
 
@@ -139,10 +139,10 @@ def test_every_head_equals_a_per_head_computation_in_the_authors_layout():
 def test_cpu_path_grouped_path_and_reparameterized_model_give_the_same_maps():
     net = _dan(num_heads=4, seed=3)
     x = torch.randn(2, 3, 64, 64)
-    plain = head_maps.explain_heads(net, x)
-    grouped = head_maps.explain_heads(_grouped_copy(net), x)
+    plain = gradcam.explain_heads(net, x)
+    grouped = gradcam.explain_heads(_grouped_copy(net), x)
     fast = dan_layers.reparameterize_model(copy.deepcopy(net)).to(memory_format=torch.channels_last)
-    fused = head_maps.explain_heads(fast, x.contiguous(memory_format=torch.channels_last))
+    fused = gradcam.explain_heads(fast, x.contiguous(memory_format=torch.channels_last))
     for other in (grouped, fused):
         assert torch.equal(other.target, plain.target)
         torch.testing.assert_close(other.attention, plain.attention, rtol=1e-4, atol=1e-5)
@@ -152,13 +152,13 @@ def test_cpu_path_grouped_path_and_reparameterized_model_give_the_same_maps():
 
 def test_one_head_and_bad_targets():
     net = _dan(num_heads=1)
-    maps = head_maps.explain_heads(net, torch.randn(3, 3, 64, 64), target=1)
+    maps = gradcam.explain_heads(net, torch.randn(3, 3, 64, 64), target=1)
     assert maps.attention.shape == maps.gradcam.shape == (3, 1, 2, 2) and maps.target.tolist() == [1, 1, 1]
     with pytest.raises(ValueError, match="target"):
-        head_maps.explain_heads(net, torch.randn(2, 3, 64, 64), target=3)
+        gradcam.explain_heads(net, torch.randn(2, 3, 64, 64), target=3)
     with pytest.raises(ValueError, match="target"):
-        head_maps.explain_heads(net, torch.randn(2, 3, 64, 64), target=[0, 1, 2])
-    assert head_maps.upsample_maps(maps.gradcam, 16).shape == (3, 1, 16, 16)
+        gradcam.explain_heads(net, torch.randn(2, 3, 64, 64), target=[0, 1, 2])
+    assert gradcam.upsample_maps(maps.gradcam, 16).shape == (3, 1, 16, 16)
 
 
 @pytest.mark.cuda
@@ -169,8 +169,8 @@ def test_cuda_gives_the_maps_of_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     net = _dan(num_heads=4, seed=5)
     x = torch.randn(2, 3, 64, 64)
-    cpu = head_maps.explain_heads(net, x)
-    cuda = head_maps.explain_heads(copy.deepcopy(net).cuda(), x.cuda())
+    cpu = gradcam.explain_heads(net, x)
+    cuda = gradcam.explain_heads(copy.deepcopy(net).cuda(), x.cuda())
     assert torch.equal(cuda.target, cpu.target)
     torch.testing.assert_close(cuda.attention, cpu.attention, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(cuda.gradcam, cpu.gradcam, rtol=1e-3, atol=1e-3 * float(cpu.gradcam.max()))

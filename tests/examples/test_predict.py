@@ -18,7 +18,7 @@ import numpy as np
 import predict
 import pytest
 import torch
-from dan_recipe import data, faces, inference, sources, transforms
+from dan_recipe import photos, records, transforms, utils
 from photo_helpers import (
     ASTRONAUT_FACE,
     CLASS_NAMES,
@@ -79,8 +79,8 @@ def test_probabilities_are_the_models_on_the_crop(photos, ours, capsys):
     argv = [str(photos / "astronaut.jpg"), "--checkpoint", str(ours), *QUIET_CPU]
     status, out, _ = run_cli(predict.main, argv, capsys)
     (record,) = _jsonl(out)
-    net, info = inference.load_checkpoint_for_inference(str(ours), fast=False)
-    crop = faces.crop_face(sources.read_image(photos / "astronaut.jpg"), faces.Box(*record["box"]))
+    net, info = photos.load_checkpoint_for_inference(str(ours), fast=False)
+    crop = photos.crop_face(photos.read_image(photos / "astronaut.jpg"), records.Box(*record["box"]))
     x = transforms.eval_transform(info.image_size, info.mean, info.std)(crop)[None]
     with torch.no_grad():
         expected = torch.softmax(net(x)[0], 1)[0].tolist()
@@ -120,10 +120,10 @@ def test_authors_checkpoint_no_detect_and_a_stated_class_order(tmp_path, capsys)
     status, out, err = run_cli(predict.main, argv, capsys)
     assert status == 0, err
     (record,) = _jsonl(out)
-    assert record["box"] == [0, 0, 150, 150] and tuple(record["probabilities"]) == data.RAFDB_CLASSES
+    assert record["box"] == [0, 0, 150, 150] and tuple(record["probabilities"]) == utils.RAFDB_CLASSES
     assert "using the rafdb order" in err and "--labels" in err  # the default is said, not silent
     status, out, err = run_cli(predict.main, [*argv, "--labels", "affectnet7"], capsys)
-    assert status == 0 and tuple(_jsonl(out)[0]["probabilities"]) == data.AFFECTNET_CLASSES[:7]
+    assert status == 0 and tuple(_jsonl(out)[0]["probabilities"]) == utils.AFFECTNET_CLASSES[:7]
     assert "note:" not in err
 
 
@@ -133,9 +133,9 @@ def test_authors_eight_classes_are_affectnet_and_file_names_pick_the_order(tmp_p
     status, out, err = run_cli(
         predict.main, [str(crop), "--no-detect", "--checkpoint", str(eight), *QUIET_CPU], capsys
     )
-    assert status == 0 and tuple(_jsonl(out)[0]["probabilities"]) == data.AFFECTNET_CLASSES, err
-    assert inference.authors_seven_class_default("affecnet7_epoch6_acc0.6569.pth")[0] == "affectnet7"
-    assert inference.authors_seven_class_default("rafdb_epoch21_acc0.897_bacc0.8532.pth")[0] == "rafdb"
+    assert status == 0 and tuple(_jsonl(out)[0]["probabilities"]) == utils.AFFECTNET_CLASSES, err
+    assert photos.authors_seven_class_default("affecnet7_epoch6_acc0.6569.pth")[0] == "affectnet7"
+    assert photos.authors_seven_class_default("rafdb_epoch21_acc0.897_bacc0.8532.pth")[0] == "rafdb"
 
 
 def test_annotate_draws_every_picture_and_out_file_is_not_overwritten(photos, ours, tmp_path, capsys):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import train_dan
+from dan_recipe import utils
 from tiny_runs import SYNTH, TINY
 from tiny_runs import run as tiny_run
 
@@ -32,7 +33,7 @@ def test_a_second_run_into_the_same_out_is_refused(tmp_path):
     run(out)
     files = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.json")}
     with pytest.raises(
-        SystemExit, match=r"--out .* holding last\.pt, best\.pt, metrics\.json.*--resume.*--overwrite"
+        utils.RecipeError, match=r"--out .* holding last\.pt, best\.pt, metrics\.json.*--resume.*--overwrite"
     ):
         run(out, "--seed", "1")
     assert {name: (out / name).read_bytes() for name in files} == files  # untouched
@@ -54,7 +55,7 @@ def test_eval_only_does_not_overwrite_a_training_run(tmp_path):
     run(out, "--val-fraction", "0")
     before = (out / "metrics.json").read_text()
     args = [*TINY, "--eval-only", "--checkpoint", str(out / "last.pt"), "--out", str(out)]
-    with pytest.raises(SystemExit, match=r"metrics\.json.*--overwrite"):
+    with pytest.raises(utils.RecipeError, match=r"metrics\.json.*--overwrite"):
         train_dan.main(args)
     assert (out / "metrics.json").read_text() == before
     train_dan.main([*args, "--overwrite"])
@@ -71,7 +72,7 @@ def test_extending_a_finished_cosine_run_is_refused(tmp_path):
     out = tmp_path / "run"
     run(out, "--scheduler", "cosine")
     before = (out / "last.pt").read_bytes()
-    with pytest.raises(SystemExit, match=r"--epochs 2: expected 1, the length of the cosine schedule"):
+    with pytest.raises(utils.RecipeError, match=r"--epochs 2: expected 1, the length of the cosine schedule"):
         run(out, "--resume", "--epochs", "2")
     assert (out / "last.pt").read_bytes() == before
 
@@ -92,7 +93,7 @@ def test_extending_a_per_epoch_schedule_equals_the_longer_run(tmp_path):
 def test_resuming_with_fewer_epochs_than_done_is_refused(tmp_path):
     out = tmp_path / "run"
     run(out, "--scheduler", "step", "--epochs", "2")
-    with pytest.raises(SystemExit, match=r"--epochs 1: expected at least the 2 epochs"):
+    with pytest.raises(utils.RecipeError, match=r"--epochs 1: expected at least the 2 epochs"):
         run(out, "--resume", "--epochs", "1")
 
 

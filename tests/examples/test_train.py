@@ -14,8 +14,8 @@ import sys
 import pytest
 import torch
 import train_dan
-from dan_recipe import checkpoints, config, distributed, engine, errors, optim, weights
-from dan_recipe import model as recipe_model
+from dan_recipe import config, model, train, utils
+
 
 # a run as small as a run can be: 32 px, 3 steps of 8, 1 epoch, no figures
 from tiny_runs import EXAMPLES, ROOT, SYNTH, TINY, run
@@ -55,16 +55,16 @@ def test_presets_and_overrides():
     assert (cfg["scheduler"], cfg["gamma"], cfg["balanced_sampler"]) == ("exponential", 0.6, True)
     cfg, _ = config.resolve_config([])
     assert cfg["data"] == "synthetic" and cfg["preset"] == "demo"
-    with pytest.raises(SystemExit):
+    with pytest.raises(utils.RecipeError):
         config.resolve_config(["--data", "rafdb"])  # needs --data-root
-    with pytest.raises(SystemExit):
+    with pytest.raises(utils.RecipeError):
         config.resolve_config(["--eval-only"])  # needs --checkpoint
 
 
 def test_centres_are_optimised_and_inside_the_wrapped_module():
     cfg, _ = config.resolve_config(["--num-heads", "2", "--center-weight-decay", "0.0"])
-    net = recipe_model.build_model_with_losses(cfg, 7)
-    opt = optim.build_optimizer(cfg, net)
+    net = train.build_model_with_losses(cfg, 7)
+    opt = train.build_optimizer(cfg, net)
     centres = net.affinity.centers
     assert any(p is centres for p in net.parameters())  # DDP wraps `net`: centres synced
     groups = [g for g in opt.param_groups if any(p is centres for p in g["params"])]
@@ -75,20 +75,20 @@ def test_centres_are_optimised_and_inside_the_wrapped_module():
 
 def test_atomic_write_survives_interrupt(tmp_path):
     path = tmp_path / "last.pt"
-    checkpoints.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    utils.save_torch({"epoch": 1, "w": torch.ones(3)}, path)
 
     def boom(f):
         f.write(b"partial")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        checkpoints.atomic_write(path, boom)
+        utils.atomic_write(path, boom)
     assert torch.load(path, weights_only=True)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left
     best = tmp_path / "best.pt"
-    checkpoints.save_checkpoint({"epoch": 2}, path, also=[best])
+    utils.save_torch({"epoch": 2}, path, also=[best])
     assert torch.load(best, weights_only=True)["epoch"] == 2 and best.samefile(path)
-    checkpoints.save_checkpoint({"epoch": 3}, path)  # best.pt keeps epoch 2
+    utils.save_torch({"epoch": 3}, path)  # best.pt keeps epoch 2
     assert torch.load(best, weights_only=True)["epoch"] == 2
     assert torch.load(path, weights_only=True)["epoch"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
@@ -141,7 +141,7 @@ def test_eval_only_reproduces_the_last_epoch(tmp_path):
 
 def test_eval_only_authors_checkpoint(tmp_path):
     torch.manual_seed(0)
-    state = weights.to_official_state_dict(recipe_model.DAN(num_classes=7, num_heads=2))  # their key names
+    state = model.to_official_state_dict(model.DAN(num_classes=7, num_heads=2))  # their key names
     path = tmp_path / "rafdb_epoch1_acc0.9.pth"
     torch.save({"iter": 1, "model_state_dict": state}, path)
     m = train_dan.main([*TINY, *SYNTH, "--eval-only", "--checkpoint", str(path),
@@ -152,7 +152,7 @@ def test_eval_only_authors_checkpoint(tmp_path):
         assert (tmp_path / "eval" / name).exists()
     del state["cat_head1.ca.attention.3.bias"]
     torch.save({"model_state_dict": state}, path)
-    with pytest.raises(errors.CheckpointError, match=r"cat_head1\.ca\.attention\.3\.bias"):
+    with pytest.raises(utils.CheckpointError, match=r"cat_head1\.ca\.attention\.3\.bias"):
         train_dan.main([*TINY, *SYNTH, "--eval-only", "--checkpoint", str(path),
                         "--out", str(tmp_path / "eval"), "--overwrite"])  # fmt: skip
 
@@ -161,10 +161,10 @@ def test_resume_rejects_a_wrong_checkpoint(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     torch.save({"model": {}}, out / "last.pt")
-    with pytest.raises(SystemExit, match="not a train_dan.py checkpoint"):
+    with pytest.raises(utils.RecipeError, match="not a train_dan.py checkpoint"):
         run(out, *SYNTH, "--resume")
     (out / "last.pt").write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(errors.CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(utils.CheckpointError, match="cannot read checkpoint"):
         run(out, *SYNTH, "--resume")
 
 
@@ -174,7 +174,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch)
     full = run(tmp_path / "full", *args)
 
     # the same run, interrupted (Ctrl-C) in the middle of epoch 3 ...
-    real_update = engine.RunningMetrics.update
+    real_update = train.RunningMetrics.update
     calls = {"n": 0}
 
     def interrupting_update(*a, **k):
@@ -184,10 +184,10 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch)
                 raise KeyboardInterrupt
         return real_update(*a, **k)
 
-    monkeypatch.setattr(engine.RunningMetrics, "update", interrupting_update)
+    monkeypatch.setattr(train.RunningMetrics, "update", interrupting_update)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut", *args)
-    monkeypatch.setattr(engine.RunningMetrics, "update", real_update)
+    monkeypatch.setattr(train.RunningMetrics, "update", real_update)
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 2
 
     # ... then resumed: bit-identical weights, centres, optimizer state and metrics
@@ -217,7 +217,7 @@ def test_stop_after_epoch_then_resume(tmp_path):
 
 
 def test_backbone_weights_flag_and_loss_switches(tmp_path):
-    trunk = recipe_model.ResNet18Features()
+    trunk = model.ResNet18Features()
     state = dict(trunk.state_dict())
     state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
     path = tmp_path / "resnet18_msceleb.pth"
@@ -230,7 +230,7 @@ def test_backbone_weights_flag_and_loss_switches(tmp_path):
     assert any("amp torch.bfloat16" in t for t in m["tricks"])
     del state["layer1.0.conv1.weight"]
     torch.save({"state_dict": state}, path)
-    with pytest.raises(errors.CheckpointError, match=r"layer1\.0\.conv1\.weight"):
+    with pytest.raises(utils.CheckpointError, match=r"layer1\.0\.conv1\.weight"):
         run(tmp_path / "run2", *SYNTH, "--backbone-weights", str(path))
 
 
@@ -249,29 +249,29 @@ def test_head_measures_equal_a_direct_computation():
     import dan_layers.functional as DF
 
     torch.manual_seed(0)
-    net = recipe_model.DANWithLosses(recipe_model.DAN(num_classes=3, num_heads=2)).eval()
-    metrics = engine.RunningMetrics(3, torch.device("cpu"))
+    net = train.DANTraining(model.DAN(num_classes=3, num_heads=2)).eval()
+    metrics = train.RunningMetrics(3, torch.device("cpu"))
     x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 1])
     with torch.no_grad():
         metrics.update(net(x, y, details=True), y)
         _, maps = net.model.attention(net.model.backbone(x), return_attention=True)
         raw = net.model.attention(net.model.backbone(x))
-    summary = metrics.summary(distributed.Dist())
+    summary = metrics.summary(train.Dist())
     assert summary["head_overlap"] == pytest.approx(float(DF.head_overlap(maps)), rel=1e-6)
     assert summary["head_norm"] == pytest.approx(float(raw.norm(dim=-1).mean()), rel=1e-5)
-    one = engine.RunningMetrics(3, torch.device("cpu"))
-    single = recipe_model.DANWithLosses(recipe_model.DAN(num_classes=3, num_heads=1)).eval()
+    one = train.RunningMetrics(3, torch.device("cpu"))
+    single = train.DANTraining(model.DAN(num_classes=3, num_heads=1)).eval()
     with torch.no_grad():
         one.update(single(x, y, details=True), y)
-    assert one.summary(distributed.Dist())["head_overlap"] is None  # undefined for one head
+    assert one.summary(train.Dist())["head_overlap"] is None  # undefined for one head
 
 
 def test_model_with_losses_is_dan_loss_on_the_dan_forward():
     import dan_layers
 
     torch.manual_seed(1)
-    net = recipe_model.DANWithLosses(
-        recipe_model.DAN(num_classes=4, num_heads=2), partition="official", partition_normalize=True,
+    net = train.DANTraining(
+        model.DAN(num_classes=4, num_heads=2), partition="official", partition_normalize=True,
         lambda_af=0.5,
     ).train()
     assert isinstance(net, dan_layers.DANLoss) and isinstance(net.model, dan_layers.DANHead)
@@ -331,7 +331,7 @@ def test_torchrun_two_processes_keep_centres_identical(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        sys.executable, "-m", "torch.train.run", "--standalone", "--nproc_per_node=2",
         str(EXAMPLES / "train_dan.py"), *TINY, *SYNTH, "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
@@ -343,5 +343,5 @@ def test_torchrun_two_processes_keep_centres_identical(tmp_path):
     assert m["ddp"]["model_sha256"][0] == m["ddp"]["model_sha256"][1]
     assert m["final"]["samples"] == 14  # every test face counted once over both ranks
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert distributed.tensor_sha256(ckpt["loss_centers"]) == hashes[0]
+    assert train._sha256({"c": ckpt["loss_centers"]}) == hashes[0]
     assert len(ckpt["rng"]) == 2

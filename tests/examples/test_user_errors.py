@@ -3,7 +3,7 @@
 Each case is a mistake a new user made (issue 10): a data root that does not exist
 or is a file, ``--num-classes`` that does not fit the folders, a bad label line, a
 listed image that is missing, a checkpoint that does not exist or is not one. The
-command runs in-process through ``errors.run_command`` (what ``train_dan.py`` runs
+command runs in-process through ``utils.run_command`` (what ``train_dan.py`` runs
 under ``__main__``); one test starts the real script to check that wiring.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import train_dan
-from dan_recipe import errors
+from dan_recipe import utils
 from tiny_runs import EXAMPLES, ROOT, TINY
 
 
@@ -117,7 +117,7 @@ def test_mistake_gives_one_line_and_status_1(name, tmp_path, capsys, make_rafdb_
     trees = {"rafdb": make_rafdb_tree, "imagefolder": make_imagefolder_tree}
     argv, expected = _case(name, tmp_path, trees)
     capsys.readouterr()
-    status = errors.run_command(train_dan.main, [*TINY, "--out", str(tmp_path / "out"), *argv])
+    status = utils.run_command(train_dan.main, [*TINY, "--out", str(tmp_path / "out"), *argv])
     err = capsys.readouterr().err
     assert status == 1, err
     lines = err.strip().splitlines()
@@ -147,6 +147,6 @@ def test_the_script_itself_exits_with_one_line(tmp_path):
 
 
 def test_flag_errors_are_one_line_too(capsys):
-    assert errors.run_command(train_dan.main, ["--val-fraction", "1.5"]) == 1
+    assert utils.run_command(train_dan.main, ["--val-fraction", "1.5"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "error: --val-fraction: expected in [0, 1), got 1.5"
