@@ -268,7 +268,7 @@ def _inductor_cache_warm() -> bool | None:
 
 def _ref_state_from(model: nn.Module) -> dict:
     """``RefDAN`` state dict holding ``model``'s weights (via the authors' key layout)."""
-    from dan_recipe.weights import to_official_state_dict  # noqa: PLC0415 - examples/ is on sys.path
+    from dan_recipe.model import to_official_state_dict  # noqa: PLC0415 - examples/ is on sys.path
 
     official = to_official_state_dict(model)
     out = {}

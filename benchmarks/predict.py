@@ -3,9 +3,9 @@
 The stages of ``predict.py``, each timed on its own in one process with the code the
 command runs:
 
-* decode: ``dan_recipe.sources.read_image`` of a JPEG (quality 90) of scikit-image's
+* decode: ``dan_recipe.photos.read_image`` of a JPEG (quality 90) of scikit-image's
   astronaut portrait, 512 x 512, one face;
-* detect: ``dan_recipe.faces.FaceDetector`` (Haar cascade, the command's defaults:
+* detect: ``dan_recipe.photos.FaceDetector`` (Haar cascade, the command's defaults:
   scale factor 1.1, 5 neighbours, faces from 32 px) and ``crop_face`` on the decoded
   picture; also timed at scale factor 1.3 (the authors' video demo), in the summary;
 * classify: ``FaceClassifier.batch`` (the evaluation transform) and
@@ -41,9 +41,9 @@ EXAMPLES = C.ROOT / "examples"
 def _recipe():
     if str(EXAMPLES) not in sys.path:
         sys.path.insert(0, str(EXAMPLES))
-    from dan_recipe import checkpoints, faces, inference, model, sources, transforms  # noqa: PLC0415
+    from dan_recipe import model, photos, transforms  # noqa: PLC0415
 
-    return checkpoints, faces, inference, model, sources, transforms
+    return model, photos, transforms
 
 
 def _portrait_jpeg(size: int) -> bytes:
@@ -61,27 +61,27 @@ def _portrait_jpeg(size: int) -> bytes:
 def _stage_times(args, recipe, jpeg_path) -> tuple[dict[str, dict[str, float]], list]:
     """Decode and detect timings (detect at scale factor 1.1, the default, and 1.3, the authors' video
     demo), interleaved; and the face crops."""
-    _, faces, _, _, sources, _ = recipe
-    rgb = sources.read_image(jpeg_path)
-    fns = {"decode": lambda: sources.read_image(jpeg_path)}
+    _, photos, _ = recipe
+    rgb = photos.read_image(jpeg_path)
+    fns = {"decode": lambda: photos.read_image(jpeg_path)}
     for scale_factor in (1.1, 1.3):
-        detector = faces.FaceDetector(scale_factor=scale_factor)
+        detector = photos.FaceDetector(scale_factor=scale_factor)
         if not detector(rgb):
             raise SystemExit(f"predict benchmark: the cascade found no face at scale factor {scale_factor}")
-        fns[f"detect_{scale_factor}"] = lambda d=detector: [faces.crop_face(rgb, b) for b in d(rgb)]
+        fns[f"detect_{scale_factor}"] = lambda d=detector: [photos.crop_face(rgb, b) for b in d(rgb)]
     timings = C.time_interleaved(fns, repeats=args.stage_repeats, warmup=1)
-    return timings, [faces.crop_face(rgb, b) for b in faces.FaceDetector()(rgb)]
+    return timings, [photos.crop_face(rgb, b) for b in photos.FaceDetector()(rgb)]
 
 
 def _classifiers(args, recipe):
-    checkpoints, _, inference, model, _, transforms = recipe
+    model, photos, transforms = recipe
     torch.manual_seed(0)
     net = C.randomize_batchnorm(model.DAN(num_classes=7, num_heads=4).eval())
-    info = checkpoints.ModelInfo(("a", "b", "c", "d", "e", "f", "g"), args.image_size, transforms.IMAGENET_MEAN,
+    info = model.ModelInfo(("a", "b", "c", "d", "e", "f", "g"), args.image_size, transforms.IMAGENET_MEAN,
                                  transforms.IMAGENET_STD, 4, "authors", None, "")  # fmt: skip
     fast = dan_layers.reparameterize_model(copy.deepcopy(net)).to(memory_format=torch.channels_last)
-    return {"fast": inference.FaceClassifier(fast, info, channels_last=True),
-            "plain": inference.FaceClassifier(net, info)}  # fmt: skip
+    return {"fast": photos.FaceClassifier(fast, info, channels_last=True),
+            "plain": photos.FaceClassifier(net, info)}  # fmt: skip
 
 
 def _row(batch: int, name: str, stages: dict, classify: dict, faces: int) -> dict:

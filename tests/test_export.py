@@ -78,8 +78,8 @@ def models():
 
 def test_reparameterized_dan_matches_train_form(models):
     model, deployed = models
-    assert deployed.attention.is_reparameterized
-    assert not model.attention.is_reparameterized
+    assert deployed.head.attention.is_reparameterized
+    assert not model.head.attention.is_reparameterized
     x = _images(4, 0)
     with torch.inference_mode():
         for got, want in zip(deployed(x), model(x), strict=True):

@@ -374,7 +374,7 @@ def resolve_config(argv: Sequence[str] | None) -> tuple[dict[str, Any], dict[str
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     given = {k: v for k, v in vars(args).items() if v is not None}
     data_source = "flag"
-    if "data" not in given and given.get("data_root"):
+    if "data" not in given and "preset" not in given and given.get("data_root"):
         try:
             given["data"] = infer_data(given["data_root"])
             data_source = "read from --data-root's layout"

@@ -455,14 +455,19 @@ def threads_left(cpus: int, busy_elsewhere: float) -> int:
     return max(1, min(cpus, int(cpus - busy_elsewhere + 0.25)))
 
 
-def auto_threads(interval: float = 0.5) -> tuple[int, str]:
+def busy_cpus(interval: float = 0.5) -> float | None:
+    """CPUs kept busy by other processes right now (this one sleeps while it samples), or ``None``."""
+    before = _cpu_jiffies()
+    time.sleep(interval)
+    return _busy_share(before, _cpu_jiffies(), os.cpu_count() or 1)
+
+
+def auto_threads() -> tuple[int, str]:
     """Threads for this process now, and why. Under torchrun the launcher's OMP_NUM_THREADS wins."""
     n = os.cpu_count() or 1
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads(), "OMP_NUM_THREADS is set"
-    before = _cpu_jiffies()
-    time.sleep(interval)  # this process sleeps while it samples: what is busy is busy elsewhere
-    busy = _busy_share(before, _cpu_jiffies(), n)
+    busy = busy_cpus()
     if busy is None:
         return n, "all CPUs (CPU usage unknown)"
     return threads_left(n, busy), f"{busy:.1f} of {n} CPUs busy with other processes"

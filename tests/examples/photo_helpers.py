@@ -29,7 +29,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
-from dan_recipe import model, train, utils  # noqa: E402
+from dan_recipe import model as recipe_model, train, utils  # noqa: E402
 
 CLASS_NAMES = ("calm", "joy", "gloom")
 #: Flags every command test passes: the CPU, one thread, no progress bar.
@@ -87,7 +87,7 @@ def _vary_batchnorm(net: torch.nn.Module, seed: int) -> None:
             m.running_mean.copy_((torch.rand(n, generator=g) - 0.5) * 0.2)
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
     # the fusion's BatchNorm1d sees logits of a fresh head: widen it so the softmax is not saturated
-    fusion_bn = net.head.fusion.bn if isinstance(net, model.DAN) else net.model.head.fusion.bn
+    fusion_bn = net.head.fusion.bn if isinstance(net, recipe_model.DAN) else net.model.head.fusion.bn
     fusion_bn.running_var.fill_(1e4)
 
 
@@ -99,7 +99,7 @@ def save_our_checkpoint(path: Path, *, num_heads: int = 2, image_size: int = 48,
     net = train.build_model_with_losses(cfg, len(CLASS_NAMES)).eval()
     _vary_batchnorm(net, seed)
     args = {**cfg, "image_size": image_size, "select_metric": "accuracy", "data": "imagefolder"}
-    state = {"format": model.CHECKPOINT_FORMAT, "model": net.state_dict(), "epoch": 1, "args": args,
+    state = {"format": recipe_model.CHECKPOINT_FORMAT, "model": net.state_dict(), "epoch": 1, "args": args,
              "class_names": list(CLASS_NAMES), "num_classes": len(CLASS_NAMES),
              "preprocessing": {"image_size": image_size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
     utils.save_torch(state, path)
@@ -109,9 +109,9 @@ def save_our_checkpoint(path: Path, *, num_heads: int = 2, image_size: int = 48,
 def save_authors_checkpoint(path: Path, *, num_classes: int = 7, num_heads: int = 2, seed: int = 1) -> Path:
     """A checkpoint in the authors' key layout (their files are trained at 224 px)."""
     torch.manual_seed(seed)
-    net = model.DAN(num_classes=num_classes, num_heads=num_heads).eval()
+    net = recipe_model.DAN(num_classes=num_classes, num_heads=num_heads).eval()
     _vary_batchnorm(net, seed)
-    torch.save({"iter": 21, "model_state_dict": model.to_official_state_dict(net)}, path)
+    torch.save({"iter": 21, "model_state_dict": recipe_model.to_official_state_dict(net)}, path)
     return path
 
 

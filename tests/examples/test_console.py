@@ -70,7 +70,7 @@ def test_progress_bar_run_prints_no_autograd_warning(tmp_path):
 
 
 def test_amp_without_native_bf16_warns_once(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda *a, **k: False)
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda *a, **k: False)
     # bf16 autocast is emulated (slow) on such a CPU: two epochs of two steps each
     few = ["--synthetic-train", "8", "--synthetic-test", "7", "--batch-size", "4"]
     out = str(tmp_path / "a")
@@ -79,7 +79,7 @@ def test_amp_without_native_bf16_warns_once(tmp_path, monkeypatch, capsys):
     said: list[str] = []
     cpu = torch.device("cpu")
     train.amp_setup({"amp": False, "amp_dtype": "auto"}, cpu, said.append)  # no --amp: nothing
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda *a, **k: True)
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda *a, **k: True)
     _, dtype, _ = train.amp_setup({"amp": True, "amp_dtype": "auto"}, cpu, said.append)
     assert said == [] and dtype == torch.bfloat16  # native bf16: autocast without a word
 
@@ -101,7 +101,7 @@ def test_auto_threads_follow_what_other_processes_use(monkeypatch):
     """``--threads auto`` is decided again every epoch, from the CPU time others used meanwhile."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(utils.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(runtime, "busy_cpus", lambda interval=0.5: 1.2)  # busy at start-up
+    monkeypatch.setattr(utils, "busy_cpus", lambda interval=0.5: 1.2)  # busy at start-up
     now = {"wall": 0.0, "own": 0.0, "idle": 0, "total": 0}
     said: list[str] = []
 

@@ -23,7 +23,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
-from dan_recipe import model, utils  # noqa: E402
+from dan_recipe import model as recipe_model, utils  # noqa: E402
   # noqa: E402
 
 import dan_layers  # noqa: E402
@@ -152,33 +152,33 @@ def _rel_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
 
 
 def test_import_has_no_side_effects():
-    assert model.DAN is not None
+    assert recipe_model.DAN is not None
     assert "torchvision" not in sys.modules
 
 
 def test_parameter_count_matches_authors():
-    model = model.DAN(num_classes=7, num_heads=4)
+    model = recipe_model.DAN(num_classes=7, num_heads=4)
     assert sum(p.numel() for p in model.parameters()) == 19_723_733
     assert sum(p.numel() for p in model.backbone.parameters()) == 11_689_512 - 513_000
-    assert isinstance(model.attention, dan_layers.MultiHeadAttentionBlock)
-    assert isinstance(model.fusion, dan_layers.AttentionFusion)
+    assert isinstance(model.head.attention, dan_layers.MultiHeadAttentionBlock)
+    assert isinstance(model.head.fusion, dan_layers.AttentionFusion)
     # the authors' structure has the same count
     assert sum(p.numel() for p in AuthorsDAN().parameters()) == 19_723_733
 
 
 def test_macs_at_224():
-    model = model.DAN(num_classes=7, num_heads=4)
-    macs = model.count_macs(model, torch.zeros(1, 3, 224, 224))
+    model = recipe_model.DAN(num_classes=7, num_heads=4)
+    macs = recipe_model.count_macs(model, torch.zeros(1, 3, 224, 224))
     assert round(macs / 1e9, 2) == 2.22
     # the authors' per-head structure: same arithmetic (up to the tiny channel-attention
     # MLPs, which the fused block computes with einsum rather than nn.Linear)
-    ours = model.count_macs(model, torch.zeros(1, 3, 64, 64))
-    ref = model.count_macs(AuthorsDAN(), torch.zeros(1, 3, 64, 64))
+    ours = recipe_model.count_macs(model, torch.zeros(1, 3, 64, 64))
+    ref = recipe_model.count_macs(AuthorsDAN(), torch.zeros(1, 3, 64, 64))
     assert abs(ours - ref) / ref < 2e-3
 
 
 def test_backbone_keys_are_torchvision_names():
-    keys = set(model.ResNet18Features().state_dict())
+    keys = set(recipe_model.ResNet18Features().state_dict())
     for k in (
         "conv1.weight",
         "bn1.running_var",
@@ -193,7 +193,7 @@ def test_backbone_keys_are_torchvision_names():
 
 
 def test_forward_shapes_and_attention_maps():
-    model = model.DAN(num_classes=5, num_heads=3).eval()
+    model = recipe_model.DAN(num_classes=5, num_heads=3).eval()
     x = torch.randn(2, 3, 64, 64)
     logits, fmap, heads = model(x)
     assert logits.shape == (2, 5)
@@ -215,10 +215,10 @@ def authors_model() -> AuthorsDAN:
 
 def test_official_checkpoint_gives_the_authors_outputs(authors_model, tmp_path):
     state = authors_model.state_dict()
-    assert set(state) == set(model.official_key_names(model.DAN()))
+    assert set(state) == set(recipe_model.official_key_names(recipe_model.DAN()))
     path = tmp_path / "rafdb_epoch21_acc0.897.pth"  # the published files' layout
     torch.save({"iter": 21, "model_state_dict": state, "optimizer_state_dict": {}}, path)
-    ours = model.load_official_checkpoint(model.DAN(num_classes=7, num_heads=4), path).eval()
+    ours = recipe_model.load_official_checkpoint(recipe_model.DAN(num_classes=7, num_heads=4), path).eval()
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref_logits, ref_map, ref_heads = authors_model(x)
@@ -229,7 +229,7 @@ def test_official_checkpoint_gives_the_authors_outputs(authors_model, tmp_path):
     # and back: our weights under the authors' names reproduce their state dict
     # (the fused block keeps one BatchNorm batch counter for all heads, so the per-head
     # num_batches_tracked, which only matter for BatchNorm(momentum=None), are not kept)
-    back = model.to_official_state_dict(ours)
+    back = recipe_model.to_official_state_dict(ours)
     assert set(back) == set(state)
     for k in state:
         if not (k.startswith("cat_head") and k.endswith("num_batches_tracked")):
@@ -245,22 +245,22 @@ def test_official_checkpoint_containers(authors_model, wrap):
         source = state
     else:  # saved from DataParallel
         source = {f"module.{k}": v for k, v in state.items()}
-    ours = model.load_official_checkpoint(model.DAN(), source)
-    back = model.to_official_state_dict(ours)
+    ours = recipe_model.load_official_checkpoint(recipe_model.DAN(), source)
+    back = recipe_model.to_official_state_dict(ours)
     for k in ("features.0.weight", "cat_head2.sa.conv_3x1.1.running_var", "bn.bias"):
         assert torch.equal(back[k], state[k])
 
 
 def test_official_config_inference(authors_model):
-    info = model.infer_official_config({"model_state_dict": authors_model.state_dict()})
+    info = recipe_model.infer_official_config({"model_state_dict": authors_model.state_dict()})
     assert info == {"num_classes": 7, "num_heads": 4}
     two = AuthorsDAN(num_class=8, num_head=2)
-    assert model.infer_official_config(two.state_dict()) == {"num_classes": 8, "num_heads": 2}
+    assert recipe_model.infer_official_config(two.state_dict()) == {"num_classes": 8, "num_heads": 2}
 
 
 def test_official_checkpoint_other_head_count():
     ref = _randomise(AuthorsDAN(num_class=8, num_head=2), seed=3).eval()
-    ours = model.load_official_checkpoint(model.DAN(8, 2), ref.state_dict()).eval()
+    ours = recipe_model.load_official_checkpoint(recipe_model.DAN(8, 2), ref.state_dict()).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert _rel_close(ours(x)[0], ref(x)[0])
@@ -271,7 +271,7 @@ def test_truncated_checkpoint_names_missing_keys(authors_model):
     del state["cat_head3.sa.conv_1x3.0.weight"]
     del state["features.7.1.bn2.running_var"]
     with pytest.raises(utils.CheckpointError) as err:
-        model.load_official_checkpoint(model.DAN(), state)
+        recipe_model.load_official_checkpoint(recipe_model.DAN(), state)
     msg = str(err.value)
     assert "missing keys (2)" in msg
     assert "cat_head3.sa.conv_1x3.0.weight" in msg
@@ -282,11 +282,11 @@ def test_wrong_checkpoint_names_unexpected_and_shapes(authors_model):
     state = dict(authors_model.state_dict())
     state["cat_head4.sa.conv1x1.0.weight"] = torch.zeros(256, 512, 1, 1)  # a 5th head
     with pytest.raises(utils.CheckpointError, match=r"unexpected keys \(1\): cat_head4"):
-        model.load_official_checkpoint(model.DAN(), state)
+        recipe_model.load_official_checkpoint(recipe_model.DAN(), state)
     with pytest.raises(utils.CheckpointError, match=r"shape mismatches.*fc.weight"):
-        model.load_official_checkpoint(model.DAN(num_classes=8), authors_model.state_dict())
+        recipe_model.load_official_checkpoint(recipe_model.DAN(num_classes=8), authors_model.state_dict())
     with pytest.raises(utils.CheckpointError, match="missing keys"):
-        model.load_official_checkpoint(model.DAN(num_heads=5), authors_model.state_dict())
+        recipe_model.load_official_checkpoint(recipe_model.DAN(num_heads=5), authors_model.state_dict())
 
 
 def test_unreadable_and_unsafe_files(tmp_path, authors_model):
@@ -295,14 +295,14 @@ def test_unreadable_and_unsafe_files(tmp_path, authors_model):
     cut = tmp_path / "cut.pth"
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(utils.CheckpointError, match="cannot read weights file"):
-        model.load_official_checkpoint(model.DAN(), cut)
+        recipe_model.load_official_checkpoint(recipe_model.DAN(), cut)
     # a pickle holding an arbitrary object is refused (weights_only=True)
     evil = tmp_path / "evil.pth"
     torch.save({"model_state_dict": authors_model.state_dict(), "x": _Block(1, 1, 1)}, evil)
     with pytest.raises(utils.CheckpointError, match="weights_only"):
-        model.load_official_checkpoint(model.DAN(), evil)
+        recipe_model.load_official_checkpoint(recipe_model.DAN(), evil)
     with pytest.raises(utils.CheckpointError, match="without tensors"):
-        model.load_official_checkpoint(model.DAN(), {"iter": 3})
+        recipe_model.load_official_checkpoint(recipe_model.DAN(), {"iter": 3})
 
 
 # ----------------------------------------------------------------------------------------
@@ -311,7 +311,7 @@ def test_unreadable_and_unsafe_files(tmp_path, authors_model):
 
 
 def _torchvision_style_resnet18_state() -> dict[str, torch.Tensor]:
-    trunk = _randomise(model.ResNet18Features(), seed=5)
+    trunk = _randomise(recipe_model.ResNet18Features(), seed=5)
     state = dict(trunk.state_dict())
     state["fc.weight"] = torch.randn(1000, 512)
     state["fc.bias"] = torch.randn(1000)
@@ -322,8 +322,8 @@ def test_backbone_weights_load_and_report(tmp_path):
     state = _torchvision_style_resnet18_state()
     path = tmp_path / "resnet18_msceleb.pth"
     torch.save({"state_dict": state, "epoch": 10}, path)
-    model = model.DAN()
-    report = model.load_backbone_weights(model, path)
+    model = recipe_model.DAN()
+    report = recipe_model.load_backbone_weights(model, path)
     assert report == {"missing": [], "unexpected": [], "dropped": ["fc.bias", "fc.weight"]}
     for k, v in model.backbone.state_dict().items():
         assert torch.equal(v, state[k]), k
@@ -334,15 +334,15 @@ def test_backbone_weights_mismatch_is_never_silent():
     del state["layer3.1.conv2.weight"]
     state["layer5.0.conv1.weight"] = torch.zeros(1)
     with pytest.raises(utils.CheckpointError) as err:
-        model.load_backbone_weights(model.DAN(), {"state_dict": state})
+        recipe_model.load_backbone_weights(recipe_model.DAN(), {"state_dict": state})
     assert "layer3.1.conv2.weight" in str(err.value)
     assert "layer5.0.conv1.weight" in str(err.value)
-    report = model.load_backbone_weights(model.DAN(), {"state_dict": state}, strict=False)
+    report = recipe_model.load_backbone_weights(recipe_model.DAN(), {"state_dict": state}, strict=False)
     assert report["missing"] == ["layer3.1.conv2.weight"]
     assert report["unexpected"] == ["layer5.0.conv1.weight"]
 
 
 def test_module_prefix_is_stripped():
     state = {f"module.{k}": v for k, v in _torchvision_style_resnet18_state().items()}
-    report = model.load_backbone_weights(model.DAN(), state)
+    report = recipe_model.load_backbone_weights(recipe_model.DAN(), state)
     assert report["missing"] == [] and report["unexpected"] == []

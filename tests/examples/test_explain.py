@@ -14,7 +14,7 @@ import explain
 import numpy as np
 import pytest
 import torch
-from dan_recipe import gradcam, photos, records
+from dan_recipe import gradcam, photos as recipe_photos, records
 from photo_helpers import (
     CLASS_NAMES,
     QUIET_CPU,
@@ -76,12 +76,12 @@ def test_saved_maps_are_those_of_the_model_for_the_target(photos, ours, tmp_path
             "--target", CLASS_NAMES[2].upper(), *QUIET_CPU]  # fmt: skip
     assert run_cli(explain.main, argv, capsys)[0] == 0
     saved = np.load(out / "face_face0.npz")
-    net, info = photos.load_checkpoint_for_inference(str(ours), fast=False)
-    classifier = photos.FaceClassifier(net, info)
+    net, info = recipe_photos.load_checkpoint_for_inference(str(ours), fast=False)
+    classifier = recipe_photos.FaceClassifier(net, info)
     (box,) = [json.loads(line)["box"] for line in (out / explain.INDEX_NAME).read_text().splitlines()]
     
 
-    crop = photos.crop_face(photos.read_image(photos / "b" / "face.png"), records.Box(*box))
+    crop = recipe_photos.crop_face(recipe_photos.read_image(photos / "b" / "face.png"), records.Box(*box))
     expected = gradcam.explain_heads(net, classifier.batch([crop]), target=2)
     assert int(saved["target"]) == 2
     np.testing.assert_allclose(saved["attention"], expected.attention[0].numpy(), rtol=1e-4, atol=1e-5)

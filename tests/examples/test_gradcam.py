@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dan_recipe import gradcam, model
+from dan_recipe import gradcam, model as recipe_model
 from photo_helpers import save_our_checkpoint  # noqa: F401  (puts examples/ on sys.path)
 from torch import nn
 
@@ -86,15 +86,15 @@ def test_a_case_worked_out_by_hand_and_zero_gradients():
         gradcam.gradcam_plus_plus_weights(torch.rand(2, 3, 3), torch.rand(2, 3, 4))
 
 
-def _dan(num_heads: int, seed: int = 0) -> model.DAN:
+def _dan(num_heads: int, seed: int = 0) -> recipe_model.DAN:
     torch.manual_seed(seed)
-    net = model.DAN(num_classes=3, num_heads=num_heads).eval()
+    net = recipe_model.DAN(num_classes=3, num_heads=num_heads).eval()
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
-        net.fusion.bn.running_var.fill_(1e4)
+        net.head.fusion.bn.running_var.fill_(1e4)
     return net
 
 
@@ -116,13 +116,13 @@ def test_every_head_equals_a_per_head_computation_in_the_authors_layout():
     assert got.attention.shape == got.gradcam.shape == (2, 3, 3, 3)
     assert got.target.tolist() == [0, 2]
 
-    spatial, channel = net.attention.split_heads()  # the authors' cat_head{i}.sa / .ca
+    spatial, channel = net.head.attention.split_heads()  # the authors' cat_head{i}.sa / .ca
     with torch.no_grad():
         fmap = net.backbone(x)
     attended = [sa(fmap).detach().requires_grad_(True) for sa in spatial]  # one target layer per head
     pooled = [a.mean(dim=(-2, -1)) for a in attended]
     heads = torch.stack([ca(p) for ca, p in zip(channel, pooled, strict=True)], dim=1)
-    logits, _ = net.fusion(heads)
+    logits, _ = net.head.fusion(heads)
     grads = torch.autograd.grad(logits[[0, 1], [0, 2]].sum(), attended)
     torch.testing.assert_close(got.probabilities, torch.softmax(logits.detach(), 1), rtol=1e-5, atol=1e-6)
     for k in range(3):

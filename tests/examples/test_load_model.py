@@ -1,4 +1,4 @@
-"""``model.load_model``: one call for our checkpoints and the authors', ready for inference.
+"""``recipe_model.load_model``: one call for our checkpoints and the authors', ready for inference.
 
 Issue 10, item 6: a checkpoint of ours loaded into ``DAN`` only after stripping
 ``model.`` from every key by hand. ``load_model`` returns the model in eval mode
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import train_dan
-from dan_recipe import data, model, synthetic, transforms, utils
+from dan_recipe import data, model as recipe_model, synthetic, transforms, utils
 from tiny_runs import TINY
 
 SYNTH = ["--data", "synthetic", "--synthetic-train", "28", "--synthetic-test", "14", "--val-fraction", "0"]
@@ -27,8 +27,8 @@ def trained(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_our_checkpoint_loads_with_its_preprocessing(trained):
     out, metrics = trained
-    net, info = model.load_model(out / "best.pt")
-    assert isinstance(net, model.DAN) and not net.training
+    net, info = recipe_model.load_model(out / "best.pt")
+    assert isinstance(net, recipe_model.DAN) and not net.training
     assert (net.num_classes, net.num_heads, info.num_heads) == (7, 2, 2)
     assert info.class_names == tuple(metrics["class_names"]) == synthetic.CLASS_NAMES
     assert (info.image_size, info.mean, info.std) == (32, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)
@@ -46,33 +46,33 @@ def test_our_checkpoint_without_the_preprocessing_record_still_loads(trained):
     out, _ = trained
     raw = torch.load(out / "last.pt", weights_only=True)
     del raw["preprocessing"]  # checkpoints written before load_model existed
-    _, info = model.load_model(raw, labels=["a", "b", "c", "d", "e", "f", "g"])
+    _, info = recipe_model.load_model(raw, labels=["a", "b", "c", "d", "e", "f", "g"])
     assert info.image_size == 32 and info.mean == transforms.IMAGENET_MEAN
     assert info.class_names == ("a", "b", "c", "d", "e", "f", "g") and info.path == ""
 
 
 def test_authors_checkpoint_loads_with_their_preprocessing(tmp_path):
     torch.manual_seed(0)
-    ref = model.DAN(num_classes=7, num_heads=2).eval()
+    ref = recipe_model.DAN(num_classes=7, num_heads=2).eval()
     path = tmp_path / "rafdb_epoch21_acc0.897.pth"
-    torch.save({"iter": 21, "model_state_dict": model.to_official_state_dict(ref)}, path)
-    net, info = model.load_model(path, labels="rafdb", num_classes=7)
+    torch.save({"iter": 21, "model_state_dict": recipe_model.to_official_state_dict(ref)}, path)
+    net, info = recipe_model.load_model(path, labels="rafdb", num_classes=7)
     assert info.class_names == utils.RAFDB_CLASSES and info.source == "authors" and info.epoch == 21
     assert (info.image_size, info.num_heads) == (224, 2)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(net(x)[0], ref(x)[0], rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match=r"labels=.*RAF-DB and AffectNet-7 order"):
-        model.load_model(path)
+    with pytest.raises(recipe_model.LabelsNeededError, match=r"labels: expected labels .*RAF-DB and AffectNet-7 order"):
+        recipe_model.load_model(path)
     with pytest.raises(ValueError, match="expected a checkpoint with 8 classes, got 7"):
-        model.load_model(path, labels="rafdb", num_classes=8)
+        recipe_model.load_model(path, labels="rafdb", num_classes=8)
     with pytest.raises(ValueError, match="expected 7 names"):
-        model.load_model(path, labels=["a", "b"])
+        recipe_model.load_model(path, labels=["a", "b"])
 
 
 def test_authors_eight_class_checkpoint_defaults_to_affectnet_names(tmp_path):
-    state = model.to_official_state_dict(model.DAN(num_classes=8, num_heads=1))
-    net, info = model.load_model({"model_state_dict": state}, device="cpu")
+    state = recipe_model.to_official_state_dict(recipe_model.DAN(num_classes=8, num_heads=1))
+    net, info = recipe_model.load_model({"model_state_dict": state}, device="cpu")
     assert info.class_names == utils.AFFECTNET_CLASSES and net.num_classes == 8
 
 
@@ -80,10 +80,10 @@ def test_unreadable_files_say_why_without_unsafe_advice(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x80\x02garbage" * 20)
     with pytest.raises(utils.CheckpointError) as err:
-        model.load_model(bad)
+        recipe_model.load_model(bad)
     assert "weights_only=False" not in str(err.value) and "bad.pt" in str(err.value)
-    with pytest.raises(FileNotFoundError):
-        model.load_model(tmp_path / "missing.pt")
+    with pytest.raises(utils.InputError, match="missing.pt: expected a checkpoint, got a path that does not exist"):
+        recipe_model.load_model(tmp_path / "missing.pt")
 
 
 def test_eval_transform_takes_any_image():

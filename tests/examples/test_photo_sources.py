@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dan_recipe import photos
+from dan_recipe import photos, utils
 from photo_helpers import astronaut, save_image, write_video
 
 

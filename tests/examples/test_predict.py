@@ -18,7 +18,7 @@ import numpy as np
 import predict
 import pytest
 import torch
-from dan_recipe import photos, records, transforms, utils
+from dan_recipe import photos as recipe_photos, records, transforms, utils
 from photo_helpers import (
     ASTRONAUT_FACE,
     CLASS_NAMES,
@@ -79,8 +79,8 @@ def test_probabilities_are_the_models_on_the_crop(photos, ours, capsys):
     argv = [str(photos / "astronaut.jpg"), "--checkpoint", str(ours), *QUIET_CPU]
     status, out, _ = run_cli(predict.main, argv, capsys)
     (record,) = _jsonl(out)
-    net, info = photos.load_checkpoint_for_inference(str(ours), fast=False)
-    crop = photos.crop_face(photos.read_image(photos / "astronaut.jpg"), records.Box(*record["box"]))
+    net, info = recipe_photos.load_checkpoint_for_inference(str(ours), fast=False)
+    crop = recipe_photos.crop_face(recipe_photos.read_image(photos / "astronaut.jpg"), records.Box(*record["box"]))
     x = transforms.eval_transform(info.image_size, info.mean, info.std)(crop)[None]
     with torch.no_grad():
         expected = torch.softmax(net(x)[0], 1)[0].tolist()
@@ -134,8 +134,8 @@ def test_authors_eight_classes_are_affectnet_and_file_names_pick_the_order(tmp_p
         predict.main, [str(crop), "--no-detect", "--checkpoint", str(eight), *QUIET_CPU], capsys
     )
     assert status == 0 and tuple(_jsonl(out)[0]["probabilities"]) == utils.AFFECTNET_CLASSES, err
-    assert photos.authors_seven_class_default("affecnet7_epoch6_acc0.6569.pth")[0] == "affectnet7"
-    assert photos.authors_seven_class_default("rafdb_epoch21_acc0.897_bacc0.8532.pth")[0] == "rafdb"
+    assert recipe_photos.authors_seven_class_default("affecnet7_epoch6_acc0.6569.pth")[0] == "affectnet7"
+    assert recipe_photos.authors_seven_class_default("rafdb_epoch21_acc0.897_bacc0.8532.pth")[0] == "rafdb"
 
 
 def test_annotate_draws_every_picture_and_out_file_is_not_overwritten(photos, ours, tmp_path, capsys):

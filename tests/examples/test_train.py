@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 import train_dan
-from dan_recipe import config, model, train, utils
+from dan_recipe import config, model as recipe_model, train, utils
 
 
 # a run as small as a run can be: 32 px, 3 steps of 8, 1 epoch, no figures
@@ -65,7 +65,7 @@ def test_centres_are_optimised_and_inside_the_wrapped_module():
     cfg, _ = config.resolve_config(["--num-heads", "2", "--center-weight-decay", "0.0"])
     net = train.build_model_with_losses(cfg, 7)
     opt = train.build_optimizer(cfg, net)
-    centres = net.affinity.centers
+    centres = net.criterion.affinity.centers
     assert any(p is centres for p in net.parameters())  # DDP wraps `net`: centres synced
     groups = [g for g in opt.param_groups if any(p is centres for p in g["params"])]
     assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
@@ -117,7 +117,19 @@ def test_synthetic_run_writes_everything(tmp_path):
                 "global_step", "best_metric", "args", "rng"):  # fmt: skip
         assert key in ckpt, key
     assert ckpt["epoch"] == 2 and isinstance(ckpt["args"], dict)
-    assert torch.equal(ckpt["loss_centers"], ckpt["model"]["affinity.centers"])
+    assert torch.equal(ckpt["loss_centers"], ckpt["model"]["criterion.affinity.centers"])
+    # best.pt is what people ship: the weights and what inference needs, no optimizer (a third of last.pt)
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert not {"optimizer", "scheduler", "scaler", "rng", "history"} & set(best)
+    assert best["class_names"] == m["class_names"] and best["args"]["data"] == "synthetic"
+    assert best["preprocessing"]["image_size"] == m["config"]["image_size"]
+    assert (out / "best.pt").stat().st_size < 0.4 * (out / "last.pt").stat().st_size
+    # ... and the same model as model.safetensors + config.json, which load_model reads
+    released, info = recipe_model.load_model(out)
+    ours, _ = recipe_model.load_model(out / "best.pt")
+    assert info.class_names == tuple(m["class_names"]) and info.data == "synthetic" and info.synthetic
+    for (k, a), (k2, b) in zip(released.state_dict().items(), ours.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b), k
 
 
 def test_eval_only_reproduces_the_last_epoch(tmp_path):
@@ -141,7 +153,7 @@ def test_eval_only_reproduces_the_last_epoch(tmp_path):
 
 def test_eval_only_authors_checkpoint(tmp_path):
     torch.manual_seed(0)
-    state = model.to_official_state_dict(model.DAN(num_classes=7, num_heads=2))  # their key names
+    state = recipe_model.to_official_state_dict(recipe_model.DAN(num_classes=7, num_heads=2))  # their key names
     path = tmp_path / "rafdb_epoch1_acc0.9.pth"
     torch.save({"iter": 1, "model_state_dict": state}, path)
     m = train_dan.main([*TINY, *SYNTH, "--eval-only", "--checkpoint", str(path),
@@ -217,7 +229,7 @@ def test_stop_after_epoch_then_resume(tmp_path):
 
 
 def test_backbone_weights_flag_and_loss_switches(tmp_path):
-    trunk = model.ResNet18Features()
+    trunk = recipe_model.ResNet18Features()
     state = dict(trunk.state_dict())
     state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
     path = tmp_path / "resnet18_msceleb.pth"
@@ -246,45 +258,65 @@ def test_head_overlap_and_norm_are_logged_every_epoch(tmp_path, capsys):
 
 
 def test_head_measures_equal_a_direct_computation():
+    import dan_layers
     import dan_layers.functional as DF
 
     torch.manual_seed(0)
-    net = train.DANTraining(model.DAN(num_classes=3, num_heads=2)).eval()
+    net = train.DANTraining(recipe_model.DAN(num_classes=3, num_heads=2), dan_layers.DANLoss(3, 512)).eval()
     metrics = train.RunningMetrics(3, torch.device("cpu"))
     x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 1])
     with torch.no_grad():
         metrics.update(net(x, y, details=True), y)
-        _, maps = net.model.attention(net.model.backbone(x), return_attention=True)
-        raw = net.model.attention(net.model.backbone(x))
+        _, maps = net.model.head.attention(net.model.backbone(x), return_attention=True)
+        raw = net.model.head.attention(net.model.backbone(x))
     summary = metrics.summary(train.Dist())
     assert summary["head_overlap"] == pytest.approx(float(DF.head_overlap(maps)), rel=1e-6)
     assert summary["head_norm"] == pytest.approx(float(raw.norm(dim=-1).mean()), rel=1e-5)
     one = train.RunningMetrics(3, torch.device("cpu"))
-    single = train.DANTraining(model.DAN(num_classes=3, num_heads=1)).eval()
+    single = train.DANTraining(recipe_model.DAN(num_classes=3, num_heads=1), dan_layers.DANLoss(3, 512)).eval()
     with torch.no_grad():
         one.update(single(x, y, details=True), y)
     assert one.summary(train.Dist())["head_overlap"] is None  # undefined for one head
 
 
-def test_model_with_losses_is_dan_loss_on_the_dan_forward():
+def test_training_module_holds_the_model_and_its_criterion():
     import dan_layers
 
     torch.manual_seed(1)
-    net = train.DANTraining(
-        model.DAN(num_classes=4, num_heads=2), partition="official", partition_normalize=True,
-        lambda_af=0.5,
-    ).train()
-    assert isinstance(net, dan_layers.DANLoss) and isinstance(net.model, dan_layers.DANHead)
-    assert set(k for k in net.state_dict() if not k.startswith("model.")) == {"affinity.centers"}
+    cfg, _ = config.resolve_config(["--num-heads", "2", "--partition", "official", "--partition-normalize",
+                                    "--lambda-af", "0.5"])  # fmt: skip
+    net = train.build_model_with_losses(cfg, 4).train()
+    assert type(net) is train.DANTraining and isinstance(net.criterion, dan_layers.DANLoss)
+    assert type(net.model) is recipe_model.DAN and isinstance(net.model.head, dan_layers.DANHead)
+    assert set(k for k in net.state_dict() if not k.startswith("model.")) == {"criterion.affinity.centers"}
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     state = {k: v.clone() for k, v in net.state_dict().items()}
     out = net(x, y)
     net.load_state_dict(state)
     logits, fmap, heads = net.model(x)
-    expected = dan_layers.DANLoss.forward(net, logits, fmap, heads, y)
+    expected = net.criterion(logits, fmap, heads, y)
     torch.testing.assert_close(out["loss"], expected.loss)
     partition = dan_layers.PartitionLoss("official", normalize=True)(heads).detach()
     torch.testing.assert_close(out["partition"], partition)
+    # checkpoints written before 0.2 named the centres affinity.centers: they load, moved
+    old = {("affinity.centers" if k == "criterion.affinity.centers" else k): v for k, v in state.items()}
+    fresh = train.build_model_with_losses(cfg, 4)
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh.criterion.affinity.centers, state["criterion.affinity.centers"])
+
+
+def test_dan_keeps_the_state_dict_keys_it_always_had():
+    model = recipe_model.DAN(num_classes=3, num_heads=2)
+    keys = list(model.state_dict())
+    assert {k.split(".")[0] for k in keys} == {"backbone", "attention", "fusion"}
+    assert "attention.spatial.conv1x1.0.weight" in keys and "fusion.fc.weight" in keys
+    assert not any(k.startswith("head.") for k in keys)
+    other = recipe_model.DAN(num_classes=3, num_heads=2)
+    other.load_state_dict(model.state_dict())  # the flat keys load ...
+    nested = {("head." + k if k.startswith(("attention.", "fusion.")) else k): v for k, v in model.state_dict().items()}
+    other.load_state_dict(nested)  # ... and so do the module's own names
+    for k, v in model.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v), k
 
 
 # ----------------------------------------------------------------------------------------
@@ -331,7 +363,7 @@ def test_torchrun_two_processes_keep_centres_identical(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [
-        sys.executable, "-m", "torch.train.run", "--standalone", "--nproc_per_node=2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         str(EXAMPLES / "train_dan.py"), *TINY, *SYNTH, "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
