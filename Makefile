@@ -7,6 +7,8 @@ PIP    := $(PY) -m pip
 # a multi-GB CUDA build. The package itself only asks for torch>=2.1.
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# the demo needs the package and the examples extra only (no test, export or docs tools)
+DEMO_STAMP := $(VENV)/.installed-examples
 PYTEST_ARGS ?=
 # The suite on every core, one test module per worker (module fixtures built once);
 # PYTEST_PARALLEL= runs it in one process.
@@ -28,7 +30,12 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[test,examples,export,docs]"
-	@touch $(STAMP)
+	@touch $(STAMP) $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml | $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[examples]"
+	@touch $(DEMO_STAMP)
 
 venv install: $(STAMP)
 
@@ -38,7 +45,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest tests dan_layers -m "not slow" $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(PY) examples/train_dan.py --preset demo --out runs/demo --overwrite
 
 docs: $(STAMP)

@@ -323,7 +323,9 @@ def _add_run_flags(g: argparse._ArgumentGroup) -> None:
         help="replace the run already in --out (without it, an --out that holds one is refused)",
     )
     g.add_argument("--eval-only", action="store_true", default=None)
-    g.add_argument("--checkpoint", help="checkpoint for --eval-only (ours or the authors')")
+    g.add_argument(
+        "--checkpoint", help="checkpoint for --eval-only (ours or the authors'); default: --out's best.pt"
+    )
     g.add_argument("--amp", action=bo, help="autocast: bf16 on CPU; bf16/fp16 on CUDA")
     g.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16"])
     g.add_argument("--seed", type=int)
@@ -369,7 +371,7 @@ def resolve_config(argv: Sequence[str] | None) -> tuple[dict[str, Any], dict[str
 
     Raises:
         UsageError: On values out of range or missing companions (``--data rafdb``
-            without ``--data-root``, ``--eval-only`` without ``--checkpoint``).
+            without ``--data-root``, ``--eval-only`` with ``--resume``).
     """
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     given = {k: v for k, v in vars(args).items() if v is not None}
@@ -464,8 +466,6 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
                          "them", subject=f"--data-root {cfg['data_root']}")  # fmt: skip
     if cfg["data"] != "synthetic" and not cfg["data_root"]:
         raise UsageError("expected --data-root DIR (the dataset's directory)", subject=f"--data {cfg['data']}")
-    if cfg["eval_only"] and not cfg["checkpoint"]:
-        raise UsageError("expected --checkpoint PATH (the model to evaluate)", subject="--eval-only")
     if cfg["eval_only"] and cfg["resume"]:
         raise UsageError("expected no --resume with --eval-only (it evaluates --checkpoint)", subject="--resume")
 

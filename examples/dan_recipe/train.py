@@ -701,8 +701,9 @@ def log_header(current: Run, training: Training, env: dict[str, Any]) -> None:
         log(f"  recipe: {cfg['preset_reason']}")
     n_val = len(data.val) if data.val is not None else 0
     log(f"  samples: train {len(data.train or ())}, val {n_val}, test {len(data.test)}")
-    for split, where in data.origins.items():
-        log(f"  {split}: {where}")
+    for split in ("train", "val", "test"):
+        if split in data.origins:
+            log(f"  {split}: {data.origins[split]}")
     if data.val is None:
         log(f"  validation: {data.no_validation}; the last epoch's model is reported")
     for split, names in data.classes_without_samples.items():

@@ -58,7 +58,7 @@ def test_presets_and_overrides():
     with pytest.raises(utils.RecipeError):
         config.resolve_config(["--data", "rafdb"])  # needs --data-root
     with pytest.raises(utils.RecipeError):
-        config.resolve_config(["--eval-only"])  # needs --checkpoint
+        config.resolve_config(["--eval-only", "--resume"])  # evaluates, never resumes
 
 
 def test_centres_are_optimised_and_inside_the_wrapped_module():
