@@ -108,3 +108,15 @@ def test_demo_preset_stays_within_its_compute_budget():
     cfg, _ = config.resolve_config(["--preset", "demo"])
     net = train.build_model_with_losses(cfg, 7)
     assert train.build_optimizer(cfg, net).defaults.get("fused") is True
+
+
+def test_the_docs_first_page_lists_every_module_of_the_library():
+    import dan_layers
+    from torch import nn
+
+    index = (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
+    modules = [n for n in dan_layers.__all__ if isinstance(getattr(dan_layers, n), type)
+               and issubclass(getattr(dan_layers, n), nn.Module)]  # fmt: skip
+    assert {"DANHead", "DANLoss"} <= set(modules)
+    for name in modules:
+        assert f"`{name}`" in index, name
