@@ -101,8 +101,10 @@ def parse_target(text: str | None, class_names: Sequence[str]) -> int | None:
         return lowered.index(text.strip().lower())
     if text.strip().isdigit() and int(text) < len(class_names):
         return int(text)
-    raise UsageError(f"expected a class of the model ({', '.join(class_names)}) or an index "
-                     f"0..{len(class_names) - 1}", subject=f"--target {text}")  # fmt: skip
+    raise UsageError(
+        f"expected a class of the model ({', '.join(class_names)}) or an index 0..{len(class_names) - 1}",
+        subject=f"--target {text}",
+    )
 
 
 @dataclass
@@ -128,18 +130,35 @@ class _Writer:
         best, target = max(range(len(probs)), key=probs.__getitem__), int(maps.target[row])
         attention, gradcam = maps.attention[row], upsample_maps(maps.gradcam[row], size)
         base = self.names.name(face.picture.source, face.picture.frame, face.index, "")
-        write_head_figure(self.folder / f"{base}.png", pixels, upsample_maps(attention, size).numpy(),
-                          gradcam.numpy(), predicted=f"predicted: {classes[best]} {probs[best]:.2f}",
-                          target_name=classes[target])  # fmt: skip
+        write_head_figure(
+            self.folder / f"{base}.png",
+            pixels,
+            upsample_maps(attention, size).numpy(),
+            gradcam.numpy(),
+            predicted=f"predicted: {classes[best]} {probs[best]:.2f}",
+            target_name=classes[target],
+        )
         if self.save_maps:
             np.savez_compressed(
-                self.folder / f"{base}.npz", attention=attention.numpy(), gradcam=gradcam.numpy(), crop=pixels,
-                probabilities=np.asarray(probs, np.float32), class_names=np.asarray(classes), target=target,
+                self.folder / f"{base}.npz",
+                attention=attention.numpy(),
+                gradcam=gradcam.numpy(),
+                crop=pixels,
+                probabilities=np.asarray(probs, np.float32),
+                class_names=np.asarray(classes),
+                target=target,
                 box=np.asarray(face.box),
-            )  # fmt: skip
+            )
         pic = face.picture
-        record = FaceRecord(pic.source, pic.frame, pic.time_s, face.index, face.box, classes[best],
-                            dict(zip(classes, probs, strict=True))).as_json()  # fmt: skip
+        record = FaceRecord(
+            pic.source,
+            pic.frame,
+            pic.time_s,
+            face.index,
+            face.box,
+            classes[best],
+            dict(zip(classes, probs, strict=True)),
+        ).as_json()
         record.update(target=classes[target], png=f"{base}.png", npz=f"{base}.npz" if self.save_maps else None)
         self.index.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.index.flush()
@@ -148,8 +167,11 @@ class _Writer:
 def _explain_group(
     group: list[FacesInPicture], classifier: FaceClassifier, target: int | None, batch_size: int, out: _Writer
 ) -> None:
-    faces = [_Face(item.picture, i, box, crop) for item in group
-             for i, (box, crop) in enumerate(zip(item.boxes, item.crops, strict=True))]  # fmt: skip
+    faces = [
+        _Face(item.picture, i, box, crop)
+        for item in group
+        for i, (box, crop) in enumerate(zip(item.boxes, item.crops, strict=True))
+    ]
     for start in range(0, len(faces), batch_size):
         chunk = faces[start : start + batch_size]
         batch = classifier.batch([face.crop for face in chunk])

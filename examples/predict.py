@@ -95,15 +95,27 @@ def face_records(item: FacesInPicture, probabilities: Tensor, class_names: Seque
     records = []
     for face, (box, probs) in enumerate(zip(item.boxes, probabilities.tolist(), strict=True)):
         best = max(range(len(probs)), key=probs.__getitem__)
-        records.append(FaceRecord(pic.source, pic.frame, pic.time_s, face, box, class_names[best],
-                                  dict(zip(class_names, probs, strict=True))))  # fmt: skip
+        records.append(
+            FaceRecord(
+                pic.source,
+                pic.frame,
+                pic.time_s,
+                face,
+                box,
+                class_names[best],
+                dict(zip(class_names, probs, strict=True)),
+            )
+        )
     return records
 
 
 def _write_group(
-    group: list[FacesInPicture], probabilities: Tensor, class_names: Sequence[str], writer: RecordWriter,
+    group: list[FacesInPicture],
+    probabilities: Tensor,
+    class_names: Sequence[str],
+    writer: RecordWriter,
     annotate: tuple[Path, OutputNames] | None,
-) -> None:  # fmt: skip
+) -> None:
     start = 0
     for item in group:
         stop = start + len(item.crops)

@@ -169,14 +169,22 @@ PRESET_FOR_DATA = {
     "imagefolder": "folder",
 }
 #: Where --data-root points, how to tell the kind of data (see :func:`infer_data`).
-LAYOUT_HINT = ("RAF-DB's EmoLabel/list_patition_label.txt, AffectNet's train/<0..7>/, or class folders "
-               "train/<class>/<images>")
+LAYOUT_HINT = (
+    "RAF-DB's EmoLabel/list_patition_label.txt, AffectNet's train/<0..7>/, or class folders "
+    "train/<class>/<images>"
+)
 
 #: Settings an --eval-only run takes from one of our checkpoints (the model must fit it).
 MODEL_KEYS = (
-    "num_heads", "affinity", "partition", "partition_normalize", "num_centers", "lambda_af", "lambda_pt",
+    "num_heads",
+    "affinity",
+    "partition",
+    "partition_normalize",
+    "num_centers",
+    "lambda_af",
+    "lambda_pt",
     "label_smoothing",
-)  # fmt: skip
+)
 #: ... and these unless given as flags (which test set, read how).
 DATA_KEYS = ("data", "data_root", "image_size", "num_classes", "synthetic_test", "seed")
 
@@ -430,9 +438,12 @@ def infer_data(root: str) -> str:
             return "affectnet"
         if classes:
             return "imagefolder"
-    raise UsageError(f"cannot tell the kind of data: expected {LAYOUT_HINT}; or add --data rafdb|affectnet|"
-                     "imagefolder (imagefolder also reads <class>/<images> without train/ as the test split of "
-                     "--eval-only)", subject=f"--data-root {root}")  # fmt: skip
+    raise UsageError(
+        f"cannot tell the kind of data: expected {LAYOUT_HINT}; or add --data rafdb|affectnet|"
+        "imagefolder (imagefolder also reads <class>/<images> without train/ as the test split of "
+        "--eval-only)",
+        subject=f"--data-root {root}",
+    )
 
 
 def _choose_preset(given: Mapping[str, Any]) -> tuple[str, str | None]:
@@ -441,12 +452,16 @@ def _choose_preset(given: Mapping[str, Any]) -> tuple[str, str | None]:
         return given["preset"], None
     data = given.get("data", "synthetic")
     if data == "imagefolder" and given.get("backbone_weights"):
-        return "rafdb", ("rafdb (the authors' SGD recipe) for class folders with --backbone-weights; "
-                         "--preset folder trains from scratch")  # fmt: skip
+        return "rafdb", (
+            "rafdb (the authors' SGD recipe) for class folders with --backbone-weights; "
+            "--preset folder trains from scratch"
+        )
     preset = PRESET_FOR_DATA[data]
     if preset == "folder":
-        return preset, ("folder (AdamW with a cosine schedule, from scratch: no --backbone-weights); the authors' "
-                        "rafdb recipe fine-tunes a pretrained backbone and diverges from scratch")  # fmt: skip
+        return preset, (
+            "folder (AdamW with a cosine schedule, from scratch: no --backbone-weights); the authors' "
+            "rafdb recipe fine-tunes a pretrained backbone and diverges from scratch"
+        )
     return preset, f"{preset}, the recipe of --data {data}"
 
 
@@ -462,12 +477,16 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
     if not 0.0 <= cfg["val_fraction"] < 1.0:
         raise UsageError(f"expected in [0, 1), got {cfg['val_fraction']}", subject="--val-fraction")
     if cfg["data"] == "synthetic" and cfg["data_root"] and not (cfg["eval_only"] or cfg["resume"]):
-        raise UsageError("expected no --data-root with synthetic faces (they need no files); drop one of "
-                         "them", subject=f"--data-root {cfg['data_root']}")  # fmt: skip
+        raise UsageError(
+            "expected no --data-root with synthetic faces (they need no files); drop one of them",
+            subject=f"--data-root {cfg['data_root']}",
+        )
     if cfg["data"] != "synthetic" and not cfg["data_root"]:
         raise UsageError("expected --data-root DIR (the dataset's directory)", subject=f"--data {cfg['data']}")
     if cfg["eval_only"] and cfg["resume"]:
-        raise UsageError("expected no --resume with --eval-only (it evaluates --checkpoint)", subject="--resume")
+        raise UsageError(
+            "expected no --resume with --eval-only (it evaluates --checkpoint)", subject="--resume"
+        )
 
 
 def as_plain_values(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -481,11 +500,33 @@ def as_plain_values(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 #: Rows of :func:`presets_markdown_table`: the settings that make up a recipe.
 TABLE_KEYS: tuple[str, ...] = (
-    "data", "synthetic_train", "synthetic_test", "val_fraction", "image_size", "augment", "epochs",
-    "batch_size", "optimizer", "lr", "momentum", "weight_decay", "center_weight_decay", "scheduler",
-    "step_size", "gamma", "warmup_epochs", "min_lr_ratio", "balanced_sampler", "num_heads", "affinity",
-    "num_centers", "partition", "lambda_af", "lambda_pt", "threads",
-)  # fmt: skip
+    "data",
+    "synthetic_train",
+    "synthetic_test",
+    "val_fraction",
+    "image_size",
+    "augment",
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "center_weight_decay",
+    "scheduler",
+    "step_size",
+    "gamma",
+    "warmup_epochs",
+    "min_lr_ratio",
+    "balanced_sampler",
+    "num_heads",
+    "affinity",
+    "num_centers",
+    "partition",
+    "lambda_af",
+    "lambda_pt",
+    "threads",
+)
 
 
 def preset_values(name: str) -> dict[str, Any]:

@@ -463,6 +463,7 @@ def dataset_labels(ds: Dataset) -> list[int]:
         return [int(s[1]) for s in ds.samples]
     raise TypeError(f"cannot read labels of {type(ds).__name__} without loading images")
 
+
 # --------------------------------------------------------------------------------------
 # Samplers
 # --------------------------------------------------------------------------------------
@@ -586,6 +587,7 @@ class ClassBalancedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.world_size)
+
 
 # --------------------------------------------------------------------------------------
 # Training augmentations (torch only)
@@ -984,6 +986,7 @@ def build_transforms(
         ]
     return Compose([*head, *aug])
 
+
 # --------------------------------------------------------------------------------------
 # The splits and loaders of a run
 # --------------------------------------------------------------------------------------
@@ -1219,14 +1222,22 @@ def _read_split(
     preset = None if cfg["augment"] == "none" else cfg["augment"]
     try:
         ds = build_dataset(
-            kind, cfg["data_root"], split, cfg["image_size"], num_classes, preset, train=train,
-            classes=classes if kind == "imagefolder" else None, **kw,
-        )  # fmt: skip
+            kind,
+            cfg["data_root"],
+            split,
+            cfg["image_size"],
+            num_classes,
+            preset,
+            train=train,
+            classes=classes if kind == "imagefolder" else None,
+            **kw,
+        )
     except UnknownClassesError as exc:
         names = ", ".join(repr(c) for c in exc.unknown)
         raise InputError(
             f"the {split} split has class folders {names} that {whose} lacks; expected only classes of "
-            f"{whose} ({', '.join(classes or ())})", subject=f"--data-root {cfg['data_root']}",
+            f"{whose} ({', '.join(classes or ())})",
+            subject=f"--data-root {cfg['data_root']}",
         ) from None
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
         raise InputError(str(exc), subject=f"--data-root {cfg['data_root']}") from None
@@ -1247,15 +1258,14 @@ def _check_classes(cfg: Mapping[str, Any], ds: Dataset, classes: Sequence[str] |
     if n is not None and n != len(own) and cfg["data"] != "affectnet":
         raise UsageError(
             f"expected {len(own)}, the number of classes of the {cfg['data']} data at "
-            f"{cfg['data_root'] or 'synthetic'} ({', '.join(own)})", subject=f"--num-classes {n}",
+            f"{cfg['data_root'] or 'synthetic'} ({', '.join(own)})",
+            subject=f"--num-classes {n}",
         )
     return own
 
 
 def _classes_without_samples(ds: Dataset, class_names: Sequence[str]) -> list[str]:
-    counts = torch.bincount(
-        torch.tensor(dataset_labels(ds), dtype=torch.long), minlength=len(class_names)
-    )
+    counts = torch.bincount(torch.tensor(dataset_labels(ds), dtype=torch.long), minlength=len(class_names))
     return [name for name, c in zip(class_names, counts.tolist(), strict=True) if c == 0]
 
 
@@ -1286,8 +1296,15 @@ def build_run_data(
     if class_names is not None or cfg["eval_only"]:
         test = _read_split(cfg, "test", train=False, classes=class_names, whose=whose)
         names = _check_classes(cfg, test, class_names if cfg["data"] != "imagefolder" else None, whose)
-        return RunData(None, None, test, names, "--eval-only", {"test": _classes_without_samples(test, names)},
-                       origins={"test": _origin(cfg, "test", test)})
+        return RunData(
+            None,
+            None,
+            test,
+            names,
+            "--eval-only",
+            {"test": _classes_without_samples(test, names)},
+            origins={"test": _origin(cfg, "test", test)},
+        )
     train_aug = _read_split(cfg, "train", train=True, classes=None, whose=whose)
     names = _check_classes(cfg, train_aug, None, whose)
     test = _read_split(cfg, "test", train=False, classes=names, whose=whose)
@@ -1298,9 +1315,11 @@ def build_run_data(
     own_val = validation_folder(root) if cfg["data"] == "imagefolder" else None
     if own_val is not None:
         if "val_fraction" in flagged:
-            raise UsageError(f"the class folders have their own validation split {own_val}, which is used; "
-                             "drop --val-fraction (or rename the folder to hold out part of train/ instead)",
-                             subject=f"--val-fraction {cfg['val_fraction']}")  # fmt: skip
+            raise UsageError(
+                f"the class folders have their own validation split {own_val}, which is used; "
+                "drop --val-fraction (or rename the folder to hold out part of train/ instead)",
+                subject=f"--val-fraction {cfg['val_fraction']}",
+            )
         val = _read_split(cfg, "val", train=False, classes=names, whose=whose)
         origins["val"] = f"{own_val} ({len(val)} images; --val-fraction is not used)"
     elif cfg["val_fraction"] == 0:
@@ -1310,8 +1329,10 @@ def build_run_data(
         if va_idx:
             train_plain = _read_split(cfg, "train", train=False, classes=None, whose=whose)
             train, val = Subset(train_aug, tr_idx), Subset(train_plain, va_idx)
-            origins["val"] = (f"{len(va_idx)} images held out from the training split (--val-fraction "
-                              f"{cfg['val_fraction']}, stratified)")  # fmt: skip
+            origins["val"] = (
+                f"{len(va_idx)} images held out from the training split (--val-fraction "
+                f"{cfg['val_fraction']}, stratified)"
+            )
         else:
             no_validation = (
                 f"the validation split is empty: --val-fraction {cfg['val_fraction']} of "
@@ -1351,8 +1372,15 @@ class Loaders:
     test: DataLoader
 
 
-def _loader(ds: Dataset, batch: int, sampler: Sampler | None, cfg: Mapping[str, Any], collate: Any,
-            device: torch.device, drop_last: bool = False) -> DataLoader:  # fmt: skip
+def _loader(
+    ds: Dataset,
+    batch: int,
+    sampler: Sampler | None,
+    cfg: Mapping[str, Any],
+    collate: Any,
+    device: torch.device,
+    drop_last: bool = False,
+) -> DataLoader:
     return DataLoader(
         ds,
         batch_size=batch,

@@ -53,8 +53,14 @@ from torch import Tensor, nn
 
 from .model import DAN
 
-__all__ = ["HeadMaps", "OutputRecorder", "explain_heads", "gradcam_plus_plus", "gradcam_plus_plus_weights",
-           "upsample_maps"]
+__all__ = [
+    "HeadMaps",
+    "OutputRecorder",
+    "explain_heads",
+    "gradcam_plus_plus",
+    "gradcam_plus_plus_weights",
+    "upsample_maps",
+]
 
 
 def _check_pair(activations: Tensor, gradients: Tensor) -> None:

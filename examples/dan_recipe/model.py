@@ -43,7 +43,15 @@ from torch import Tensor, nn
 import dan_layers
 
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
-from .utils import AFFECTNET_CLASSES, LABEL_SETS, CheckpointError, InputError, UsageError, atomic_write, write_json
+from .utils import (
+    AFFECTNET_CLASSES,
+    LABEL_SETS,
+    CheckpointError,
+    InputError,
+    UsageError,
+    atomic_write,
+    write_json,
+)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -222,8 +230,12 @@ class DAN(nn.Module):
         raw_heads, maps = self.head.attention(feature_map, return_attention=True)
         logits, heads = self.head.fusion(raw_heads)
         return {
-            "logits": logits, "feature_map": feature_map, "heads": heads, "raw_heads": raw_heads, "maps": maps,
-        }  # fmt: skip
+            "logits": logits,
+            "feature_map": feature_map,
+            "heads": heads,
+            "raw_heads": raw_heads,
+            "maps": maps,
+        }
 
     @torch.no_grad()
     def attention_maps(self, x: Tensor) -> Tensor:
@@ -615,11 +627,14 @@ def read_checkpoint(path: str | os.PathLike[str], flag: str) -> Any:
     try:
         obj = load_weights_only(path, "checkpoint", flag=flag)
     except FileNotFoundError:
-        raise InputError("expected a checkpoint file, got a path that does not exist", subject=f"{flag} {path}")
+        raise InputError(
+            "expected a checkpoint file, got a path that does not exist", subject=f"{flag} {path}"
+        ) from None
     if is_our_checkpoint(obj) and obj["format"] != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"expected checkpoint format {CHECKPOINT_FORMAT!r}, got {obj['format']!r} (written by a newer "
-            "train_dan.py)", subject=f"{flag} {path}",
+            "train_dan.py)",
+            subject=f"{flag} {path}",
         )
     return obj
 
@@ -663,7 +678,7 @@ class ModelInfo:
 
     @property
     def synthetic(self) -> bool:
-        """Whether the model learnt from the built-in synthetic faces only (its labels mean nothing on a photo)."""
+        """Whether it learnt from the built-in synthetic faces only (its labels mean nothing on photos)."""
         return self.data == "synthetic"
 
 
@@ -698,12 +713,20 @@ def save_pretrained(model: DAN, info: ModelInfo, folder: str | os.PathLike[str])
     folder = Path(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     config = {
-        "format": _RELEASE_FORMAT, "architecture": "DAN (ResNet-18 trunk + dan_layers.DANHead)",
-        "num_classes": model.num_classes, "num_heads": model.num_heads,
-        "spatial_reduction": model.spatial_reduction, "channel_reduction": model.channel_reduction,
-        "class_names": list(info.class_names), "image_size": info.image_size, "mean": list(info.mean),
-        "std": list(info.std), "data": info.data, "epoch": info.epoch, "dan_layers": dan_layers.__version__,
-    }  # fmt: skip
+        "format": _RELEASE_FORMAT,
+        "architecture": "DAN (ResNet-18 trunk + dan_layers.DANHead)",
+        "num_classes": model.num_classes,
+        "num_heads": model.num_heads,
+        "spatial_reduction": model.spatial_reduction,
+        "channel_reduction": model.channel_reduction,
+        "class_names": list(info.class_names),
+        "image_size": info.image_size,
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "data": info.data,
+        "epoch": info.epoch,
+        "dan_layers": dan_layers.__version__,
+    }
     weights = folder / WEIGHTS_FILE
     atomic_write(weights, lambda f: f.write(save(state, metadata={"format": "pt"})))
     write_json(config, folder / CONFIG_FILE)
@@ -755,12 +778,15 @@ def load_model(
             try:
                 raw = load_weights_only(path, "checkpoint")
             except FileNotFoundError:
-                raise InputError("expected a checkpoint, got a path that does not exist", subject=where) from None
+                raise InputError(
+                    "expected a checkpoint, got a path that does not exist", subject=where
+                ) from None
         model, info = _load_ours(raw, where) if is_our_checkpoint(raw) else _load_authors(raw, where)
     n = model.num_classes
     if num_classes is not None and num_classes != n:
-        raise UsageError(f"expected a checkpoint with {num_classes} classes, got {n} in {where!r}",
-                         subject="num_classes")  # fmt: skip
+        raise UsageError(
+            f"expected a checkpoint with {num_classes} classes, got {n} in {where!r}", subject="num_classes"
+        )
     if labels is not None or not info.class_names:
         info = replace(info, class_names=_class_names(labels, n, where))
     return model.to(device).eval(), info
@@ -793,8 +819,9 @@ def _load_release(where: Path) -> tuple[DAN, ModelInfo]:
     weights, config_path = folder / WEIGHTS_FILE, folder / CONFIG_FILE
     for needed in (weights, config_path):
         if not needed.is_file():
-            raise InputError(f"expected {WEIGHTS_FILE} and {CONFIG_FILE} there, found no {needed.name}",
-                             subject=str(where))  # fmt: skip
+            raise InputError(
+                f"expected {WEIGHTS_FILE} and {CONFIG_FILE} there, found no {needed.name}", subject=str(where)
+            )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
         from safetensors.torch import load_file
@@ -804,13 +831,24 @@ def _load_release(where: Path) -> tuple[DAN, ModelInfo]:
         raise CheckpointError(f"cannot read it ({type(exc).__name__}: {exc})", subject=str(where)) from None
     if not isinstance(config, dict) or config.get("format") != _RELEASE_FORMAT:
         raise CheckpointError(f"expected {CONFIG_FILE} of format {_RELEASE_FORMAT!r}", subject=str(where))
-    model = DAN(int(config["num_classes"]), int(config["num_heads"]),
-                spatial_reduction=int(config["spatial_reduction"]),
-                channel_reduction=int(config["channel_reduction"]))  # fmt: skip
+    model = DAN(
+        int(config["num_classes"]),
+        int(config["num_heads"]),
+        spatial_reduction=int(config["spatial_reduction"]),
+        channel_reduction=int(config["channel_reduction"]),
+    )
     load_model_state(model, state, f"weights {weights}")
-    info = ModelInfo(tuple(config["class_names"]), int(config["image_size"]), tuple(config["mean"]),
-                     tuple(config["std"]), model.num_heads, "dan-layers", config.get("epoch"), str(where),
-                     config.get("data"))  # fmt: skip
+    info = ModelInfo(
+        tuple(config["class_names"]),
+        int(config["image_size"]),
+        tuple(config["mean"]),
+        tuple(config["std"]),
+        model.num_heads,
+        "dan-layers",
+        config.get("epoch"),
+        str(where),
+        config.get("data"),
+    )
     return model, info
 
 
@@ -819,8 +857,16 @@ def _load_authors(raw: Any, where: str) -> tuple[DAN, ModelInfo]:
     model = DAN(num_classes=shape["num_classes"], num_heads=shape["num_heads"])
     load_official_checkpoint(model, raw)
     epoch = raw.get("iter") if isinstance(raw, Mapping) else None
-    info = ModelInfo((), 224, IMAGENET_MEAN, IMAGENET_STD, model.num_heads, "authors",
-                     int(epoch) if isinstance(epoch, (int, float)) else None, where)  # fmt: skip
+    info = ModelInfo(
+        (),
+        224,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        model.num_heads,
+        "authors",
+        int(epoch) if isinstance(epoch, (int, float)) else None,
+        where,
+    )
     return model, info
 
 
@@ -832,11 +878,14 @@ def _class_names(labels: Sequence[str] | str | None, n: int, where: str) -> tupl
             f"expected labels ('rafdb', 'affectnet7' or {n} names) for the authors' {n}-class checkpoint "
             f"{where!r}: its file holds no class names"
             + (" and RAF-DB and AffectNet-7 order their 7 classes differently" if n == 7 else ""),
-            num_classes=n, subject="labels",
+            num_classes=n,
+            subject="labels",
         )
     if isinstance(labels, str):
         if labels not in LABEL_SETS:
-            raise UsageError(f"expected one of {sorted(LABEL_SETS)} or a list, got {labels!r}", subject="labels")
+            raise UsageError(
+                f"expected one of {sorted(LABEL_SETS)} or a list, got {labels!r}", subject="labels"
+            )
         labels = LABEL_SETS[labels]
     if len(labels) != n:
         raise UsageError(f"expected {n} names (the checkpoint's classes), got {len(labels)}", subject="labels")

@@ -1,4 +1,4 @@
-"""From photos, videos and streams to face crops and their probabilities: what ``predict.py`` and ``explain.py`` share.
+"""From photos and videos to face crops and their probabilities: what ``predict.py`` and ``explain.py`` share.
 
 Follow one picture through it:
 
@@ -87,7 +87,6 @@ __all__ = [
 ]
 
 
-
 # --------------------------------------------------------------------------------------
 # Inputs: files, images, video frames
 # --------------------------------------------------------------------------------------
@@ -159,7 +158,8 @@ def _expand_one(text: str) -> list[Path]:
         if not files:
             raise InputError(
                 f"expected a folder holding images ({', '.join(IMAGE_EXTENSIONS)}) or videos "
-                f"({', '.join(VIDEO_EXTENSIONS)}), found none", subject=text,
+                f"({', '.join(VIDEO_EXTENSIONS)}), found none",
+                subject=text,
             )
         return files
     if path.exists():
@@ -167,13 +167,16 @@ def _expand_one(text: str) -> list[Path]:
     if _GLOB_CHARS & set(text):
         matches = sorted(glob.glob(text, recursive=True))
         if not matches:
-            raise InputError("expected a glob pattern that matches files, got one that matches none", subject=text)
+            raise InputError(
+                "expected a glob pattern that matches files, got one that matches none", subject=text
+            )
         files = []
         for match in matches:
             files += _folder_files(Path(match)) if Path(match).is_dir() else [Path(match)]
         return files
-    raise InputError("expected an image, a video, a folder or a glob pattern, got a path that does not exist",
-                     subject=text)  # fmt: skip
+    raise InputError(
+        "expected an image, a video, a folder or a glob pattern, got a path that does not exist", subject=text
+    )
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[Source]:
@@ -192,7 +195,9 @@ def expand_inputs(inputs: Sequence[str]) -> list[Source]:
             nothing, or a folder without images or videos.
     """
     if not inputs:
-        raise InputError("expected at least one image, video, folder or glob pattern, got none", subject="INPUT")
+        raise InputError(
+            "expected at least one image, video, folder or glob pattern, got none", subject="INPUT"
+        )
     seen: set[Path] = set()
     sources = []
     for text in inputs:
@@ -513,7 +518,7 @@ _LABEL_ALIASES = {"affectnet8": "affectnet", "raf-db": "rafdb", "raf": "rafdb"}
 
 
 def parse_labels(text: str | None) -> str | tuple[str, ...] | None:
-    """``--labels``: a known class order (a key of :data:`~dan_recipe.utils.LABEL_SETS`) or comma-separated names.
+    """``--labels``: a known class order (see :data:`~dan_recipe.utils.LABEL_SETS`) or comma-separated names.
 
     Raises:
         UsageError: An empty name, or the same name twice.
@@ -526,8 +531,11 @@ def parse_labels(text: str | None) -> str | tuple[str, ...] | None:
         return key
     names = tuple(name.strip() for name in text.split(","))
     if len(names) < 2 or not all(names):
-        raise UsageError(f"expected one of {', '.join(LABEL_SETS)} or comma-separated class names in logit "
-                         "order (e.g. angry,happy,neutral)", subject=f"--labels {text}")  # fmt: skip
+        raise UsageError(
+            f"expected one of {', '.join(LABEL_SETS)} or comma-separated class names in logit "
+            "order (e.g. angry,happy,neutral)",
+            subject=f"--labels {text}",
+        )
     if len(set(names)) != len(names):
         raise UsageError("expected distinct class names, got a name twice", subject=f"--labels {text}")
     return names
@@ -584,8 +592,9 @@ def load_checkpoint_for_inference(
     release = Path(path).is_dir() or str(path).endswith(".safetensors")
     raw: Any = path if release else read_checkpoint(path, "--checkpoint")
     if not release and not isinstance(raw, Mapping):
-        raise CheckpointError(f"expected a DAN checkpoint (a dict of weights), got a {type(raw).__name__}",
-                              subject=flag)  # fmt: skip
+        raise CheckpointError(
+            f"expected a DAN checkpoint (a dict of weights), got a {type(raw).__name__}", subject=flag
+        )
     parsed = parse_labels(labels)
     try:
         try:
@@ -595,8 +604,10 @@ def load_checkpoint_for_inference(
                 raise
             parsed, why = authors_seven_class_default(path)
             model, info = load_model(raw, labels=parsed, device=device)
-            log(f"note: {flag} holds no class names; using the {parsed} order ({why}): "
-                f"{', '.join(info.class_names)}. Pass --labels to choose another")  # fmt: skip
+            log(
+                f"note: {flag} holds no class names; using the {parsed} order ({why}): "
+                f"{', '.join(info.class_names)}. Pass --labels to choose another"
+            )
     except CheckpointError as exc:
         raise CheckpointError(exc.reason, subject=flag) from None
     except InputError as exc:
@@ -659,6 +670,7 @@ class FaceClassifier:
 # --------------------------------------------------------------------------------------
 # The shared command line, and the bookkeeping of a run
 # --------------------------------------------------------------------------------------
+
 
 def photo_parser(prog: str, description: str, epilog: str, *, batch_size: int) -> CommandParser:
     """A :class:`CommandParser` for ``prog`` with the shared flags (see :func:`add_shared_flags`).
@@ -807,9 +819,13 @@ class PhotoRun:
         self._expected = {s.path: self._announced(s) for s in self.sources}
         self._seen: dict[Any, int] = {}
         self.bar = tqdm(
-            total=sum(self._expected.values()), unit="picture", file=sys.stderr, dynamic_ncols=True,
-            disable=not (stderr_is_terminal() if progress is None else progress), leave=False,
-        )  # fmt: skip
+            total=sum(self._expected.values()),
+            unit="picture",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not (stderr_is_terminal() if progress is None else progress),
+            leave=False,
+        )
 
     def _announced(self, source: Source) -> int:
         if source.kind == "image":
@@ -883,8 +899,9 @@ class PhotoRun:
         c = self.counts
         if not c["images"] and not c["frames"] and self.unreadable:
             path, reason = self.unreadable[0]
-            raise InputError(f"none of the {len(self.unreadable)} files could be read ({path}: {reason})",
-                             subject="INPUT")  # fmt: skip
+            raise InputError(
+                f"none of the {len(self.unreadable)} files could be read ({path}: {reason})", subject="INPUT"
+            )
         seconds = time.perf_counter() - self.started
         parts = [
             _count(c["images"], "image"),

@@ -132,7 +132,8 @@ class _CsvWriter:
         if clash:
             raise UsageError(
                 f"expected class names that are not CSV column names ({', '.join(CSV_FIXED_COLUMNS)}), "
-                f"got {', '.join(clash)}; pass --labels with other names or write JSON Lines", subject="--out",
+                f"got {', '.join(clash)}; pass --labels with other names or write JSON Lines",
+                subject="--out",
             )
         self.class_names = tuple(class_names)
         self.stream = stream
@@ -165,10 +166,13 @@ def check_output_file(path: str | None, overwrite: bool) -> str | None:
     if target.is_dir():
         raise UsageError("expected a file, got a folder", subject=f"--out {path}")
     if not target.parent.is_dir():
-        raise UsageError(f"expected a file in an existing folder, got no folder {target.parent}",
-                         subject=f"--out {path}")  # fmt: skip
+        raise UsageError(
+            f"expected a file in an existing folder, got no folder {target.parent}", subject=f"--out {path}"
+        )
     if target.exists() and not overwrite:
-        raise UsageError("the file exists; pass --overwrite to replace it, or another --out", subject=f"--out {path}")
+        raise UsageError(
+            "the file exists; pass --overwrite to replace it, or another --out", subject=f"--out {path}"
+        )
     return fmt
 
 
@@ -242,9 +246,15 @@ def draw_faces(rgb: np.ndarray, faces: Sequence[tuple[Box, str, float]]) -> np.n
             out, (box.x, top), (box.x + tw + 2 * thickness, top + th + base + thickness), _BOX_RGB, -1
         )
         cv2.putText(
-            out, text, (box.x + thickness, top + th + thickness), cv2.FONT_HERSHEY_SIMPLEX, scale, _TEXT_RGB,
-            thickness, cv2.LINE_AA,
-        )  # fmt: skip
+            out,
+            text,
+            (box.x + thickness, top + th + thickness),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            scale,
+            _TEXT_RGB,
+            thickness,
+            cv2.LINE_AA,
+        )
     return out
 
 
@@ -289,7 +299,8 @@ def prepare_output_folder(path: str | Path, flag: str, *, overwrite: bool) -> Pa
         if held:
             raise UsageError(
                 f"expected an empty or new folder, got one holding {held} entries; pass --overwrite to write "
-                "into it (files of the same names are replaced), or another folder", subject=f"{flag} {path}",
+                "into it (files of the same names are replaced), or another folder",
+                subject=f"{flag} {path}",
             )
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -558,11 +558,44 @@ def draw_look(rng: np.random.Generator, size: int) -> FaceLook:
     bg_tex = rng.uniform(-0.15, 0.15, size=(5, 15)).astype(np.float32)
     noise = rng.standard_normal((size, size, 3), dtype=np.float32)
     return FaceLook(
-        size, angle, scale, shift, face_rx, face_ry, skin, hair, hairline, hair_volume, ink, iris, lip,
-        eye_dx, eye_y, eye_w, gaze, brow_w, brow_len, brow_gap, nose_len, mouth_y, mouth_w, line_w,
-        bg, bg_grad, light_dir, light_amp, occ_kind, occ_xy, occ_angle, occ_len, occ_thick, occ_color,
-        noise_sigma, bg_tex, noise,
-    )  # fmt: skip
+        size,
+        angle,
+        scale,
+        shift,
+        face_rx,
+        face_ry,
+        skin,
+        hair,
+        hairline,
+        hair_volume,
+        ink,
+        iris,
+        lip,
+        eye_dx,
+        eye_y,
+        eye_w,
+        gaze,
+        brow_w,
+        brow_len,
+        brow_gap,
+        nose_len,
+        mouth_y,
+        mouth_w,
+        line_w,
+        bg,
+        bg_grad,
+        light_dir,
+        light_amp,
+        occ_kind,
+        occ_xy,
+        occ_angle,
+        occ_len,
+        occ_thick,
+        occ_color,
+        noise_sigma,
+        bg_tex,
+        noise,
+    )
 
 
 def _background(look: FaceLook) -> _Canvas:
@@ -750,11 +783,15 @@ def write_face_tree(
         if not n:
             continue
         faces = SyntheticFaces(num_samples=n * len(CLASS_NAMES), size=size, seed=seed, split=split)
-        plan += [(faces, i, root / split / CLASS_NAMES[label] / f"{split}_{i:05d}.png")
-                 for i, label in enumerate(faces.targets)]  # fmt: skip
+        plan += [
+            (faces, i, root / split / CLASS_NAMES[label] / f"{split}_{i:05d}.png")
+            for i, label in enumerate(faces.targets)
+        ]
     taken = [path for _, _, path in plan if path.exists()]
     if taken:
-        raise FileExistsError(f"{taken[0]} is already there ({len(taken)} of the files are): choose another folder")
+        raise FileExistsError(
+            f"{taken[0]} is already there ({len(taken)} of the files are): choose another folder"
+        )
     from PIL import Image
 
     for faces, i, path in plan:

@@ -52,7 +52,6 @@ from .config import (
 )
 from .data import Loaders, RunData, build_loaders, build_run_data, dataset_labels
 from .figures import write_run_figures
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .model import (
     CHECKPOINT_FORMAT,
     DAN,
@@ -66,6 +65,7 @@ from .model import (
     read_checkpoint,
     save_pretrained,
 )
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .utils import (
     AutoThreads,
     CheckpointError,
@@ -104,8 +104,15 @@ __all__ = [
 ]
 
 #: Files a run writes into ``--out`` (an ``--out`` holding any of them holds a run).
-RUN_FILES = ("last.pt", "best.pt", "model.safetensors", "config.json", "metrics.json", "confusion_matrix.png",
-             "attention_maps.png")  # fmt: skip
+RUN_FILES = (
+    "last.pt",
+    "best.pt",
+    "model.safetensors",
+    "config.json",
+    "metrics.json",
+    "confusion_matrix.png",
+    "attention_maps.png",
+)
 #: What ``--eval-only`` writes (it never touches the checkpoints).
 EVAL_FILES = ("metrics.json", "confusion_matrix.png", "attention_maps.png")
 
@@ -184,8 +191,9 @@ def run_epoch(current: Run, training: Training, epoch: int, *, progress: bool) -
     training.net.train()
     lr = step.optimizer.param_groups[0]["lr"]  # at the start of the epoch
     metrics = RunningMetrics(len(training.data.class_names), current.device)
-    steps, skipped = train_one_epoch(step, training.loaders.train, metrics, ranks,
-                                     desc=f"epoch {epoch}/{cfg['epochs']}", progress=progress)  # fmt: skip
+    steps, skipped = train_one_epoch(
+        step, training.loaders.train, metrics, ranks, desc=f"epoch {epoch}/{cfg['epochs']}", progress=progress
+    )
     training.global_step += steps
     training.skipped_batches += skipped
     # DDP syncs gradients, not BatchNorm statistics: give every rank rank 0's, so that
@@ -208,10 +216,18 @@ def run_epoch(current: Run, training: Training, epoch: int, *, progress: bool) -
     if improved:
         training.best_metric, training.best_epoch = score, epoch
         training.best_state = {k: v.detach().cpu().clone() for k, v in training.net.state_dict().items()}
-    training.history.append({"epoch": epoch, "global_step": training.global_step, "lr": lr, "seconds": seconds,
-                             "threads": torch.get_num_threads(), "train": _without_cm(train_m),
-                             "val": _without_cm(val_m) if val_m is not None else None,
-                             "best": improved})  # fmt: skip
+    training.history.append(
+        {
+            "epoch": epoch,
+            "global_step": training.global_step,
+            "lr": lr,
+            "seconds": seconds,
+            "threads": torch.get_num_threads(),
+            "train": _without_cm(train_m),
+            "val": _without_cm(val_m) if val_m is not None else None,
+            "best": improved,
+        }
+    )
     current.log(epoch_line(epoch, cfg["epochs"], train_m, val_m, lr, seconds, improved))
     save_epoch(current, training, epoch, improved)
 
@@ -282,7 +298,9 @@ def train_one_epoch(
         steps += 1
         metrics.update(out, y)
         if progress:
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{step.optimizer.param_groups[0]['lr']:.2e}")
+            bar.set_postfix(
+                loss=f"{float(loss.detach()):.3f}", lr=f"{step.optimizer.param_groups[0]['lr']:.2e}"
+            )
     bar.close()
     return steps, skipped
 
@@ -441,27 +459,39 @@ def build_model_with_losses(cfg: Mapping[str, Any], num_classes: int) -> DANTrai
         UsageError: Settings that do not fit together.
     """
     if cfg.get("partition_normalize") and cfg["partition"] == "none":
-        raise UsageError("expected a partition loss to normalise, got --partition none",
-                         subject="--partition-normalize")  # fmt: skip
+        raise UsageError(
+            "expected a partition loss to normalise, got --partition none", subject="--partition-normalize"
+        )
     centres = cfg["num_centers"]
     if centres is not None:
         if cfg["affinity"] == "none":
-            raise UsageError("expected no centres without a feature loss (--affinity none)",
-                             subject=f"--num-centers {centres}")  # fmt: skip
+            raise UsageError(
+                "expected no centres without a feature loss (--affinity none)",
+                subject=f"--num-centers {centres}",
+            )
         if cfg["affinity"] == "center" and centres != num_classes:
-            raise UsageError(f"the center loss has one centre per class: expected {num_classes}",
-                             subject=f"--num-centers {centres}")  # fmt: skip
+            raise UsageError(
+                f"the center loss has one centre per class: expected {num_classes}",
+                subject=f"--num-centers {centres}",
+            )
         if centres < num_classes:
-            raise UsageError(f"expected at least one centre per class ({num_classes})",
-                             subject=f"--num-centers {centres}")  # fmt: skip
+            raise UsageError(
+                f"expected at least one centre per class ({num_classes})", subject=f"--num-centers {centres}"
+            )
     if not 0.0 <= cfg["label_smoothing"] < 1.0:
         raise UsageError("expected a value in [0, 1)", subject=f"--label-smoothing {cfg['label_smoothing']}")
     model = DAN(num_classes=num_classes, num_heads=cfg["num_heads"])
     criterion = dan_layers.DANLoss(
-        num_classes, ResNet18Features.out_channels, lambda_af=cfg["lambda_af"], lambda_pt=cfg["lambda_pt"],
-        affinity=cfg["affinity"], partition=cfg["partition"], normalize=bool(cfg.get("partition_normalize")),
-        num_centers=centres, label_smoothing=cfg["label_smoothing"],
-    )  # fmt: skip
+        num_classes,
+        ResNet18Features.out_channels,
+        lambda_af=cfg["lambda_af"],
+        lambda_pt=cfg["lambda_pt"],
+        affinity=cfg["affinity"],
+        partition=cfg["partition"],
+        normalize=bool(cfg.get("partition_normalize")),
+        num_centers=centres,
+        label_smoothing=cfg["label_smoothing"],
+    )
     return DANTraining(model, criterion)
 
 
@@ -543,8 +573,9 @@ def check_epochs_on_resume(cfg: Mapping[str, Any], saved_epochs: int, done: int,
     """
     epochs = cfg["epochs"]
     if epochs < done:
-        raise UsageError(f"expected at least the {done} epochs that {path} has already trained",
-                         subject=f"--epochs {epochs}")  # fmt: skip
+        raise UsageError(
+            f"expected at least the {done} epochs that {path} has already trained", subject=f"--epochs {epochs}"
+        )
     if cfg["scheduler"] == "cosine" and epochs != saved_epochs:
         raise UsageError(
             f"expected {saved_epochs}, the length of the cosine schedule that {path} was trained with; a "
@@ -622,9 +653,14 @@ def prepare_out_dir(current: Run, *, resuming: bool) -> None:
     if not present or resuming:
         return
     if not current.cfg["overwrite"]:
-        what = "--overwrite to replace them" if eval_only else "--resume to continue it, --overwrite to replace it"
-        raise UsageError(f"expected an output directory without a run, got one holding {', '.join(present)}; "
-                         f"pass {what}, or another --out", subject=f"--out {current.out_dir}")  # fmt: skip
+        what = (
+            "--overwrite to replace them" if eval_only else "--resume to continue it, --overwrite to replace it"
+        )
+        raise UsageError(
+            f"expected an output directory without a run, got one holding {', '.join(present)}; "
+            f"pass {what}, or another --out",
+            subject=f"--out {current.out_dir}",
+        )
     if current.ranks.main:
         for name in present:
             (current.out_dir / name).unlink(missing_ok=True)
@@ -649,8 +685,9 @@ def start_process(current: Run) -> None:
     _seed_everything(cfg["seed"] + ranks.rank)
     current.autocast, current.amp_dtype, current.use_scaler = amp_setup(cfg, current.device, current.log)
     if ranks.world > 1 and cfg["batch_size"] % ranks.world:
-        raise UsageError(f"expected a multiple of the world size {ranks.world}",
-                         subject=f"--batch-size {cfg['batch_size']}")  # fmt: skip
+        raise UsageError(
+            f"expected a multiple of the world size {ranks.world}", subject=f"--batch-size {cfg['batch_size']}"
+        )
     current.per_rank = max(1, cfg["batch_size"] // ranks.world)
 
 
@@ -669,8 +706,16 @@ def build_training(current: Run, data: RunData, resume: tuple[dict[str, Any], Pa
     optimizer = build_optimizer(cfg, net)
     scheduler, interval = build_scheduler(cfg, optimizer, max(1, len(loaders.train or ())))
     scaler = torch.amp.GradScaler(current.device.type, enabled=current.use_scaler)
-    step = TrainStep(net, optimizer, scaler, scheduler, interval == "step", current.autocast, current.device,
-                     bool(cfg["channels_last"]))  # fmt: skip
+    step = TrainStep(
+        net,
+        optimizer,
+        scaler,
+        scheduler,
+        interval == "step",
+        current.autocast,
+        current.device,
+        bool(cfg["channels_last"]),
+    )
     training = Training(net, step, loaders, data, interval, backbone_report=report)
     if resume is not None:
         restore(current, training, *resume)
@@ -684,19 +729,25 @@ def _load_backbone(current: Run, net: DANTraining) -> dict[str, list[str]]:
     try:
         report = load_backbone_weights(net.model, path, strict=current.cfg["backbone_strict"])
     except FileNotFoundError:
-        raise InputError("expected a ResNet-18 weights file, got a path that does not exist", subject=flag) from None
+        raise InputError(
+            "expected a ResNet-18 weights file, got a path that does not exist", subject=flag
+        ) from None
     except CheckpointError as exc:
         raise CheckpointError(exc.reason, subject=flag) from None
-    current.log(f"backbone weights {path}: dropped {report['dropped']}, missing {report['missing']}, "
-                f"unexpected {report['unexpected']}")  # fmt: skip
+    current.log(
+        f"backbone weights {path}: dropped {report['dropped']}, missing {report['missing']}, "
+        f"unexpected {report['unexpected']}"
+    )
     return report
 
 
 def log_header(current: Run, training: Training, env: dict[str, Any]) -> None:
     """The run's opening lines: data (and where each split came from), every config value with its source."""
     cfg, log, data = current.cfg, current.log, training.data
-    log(f"DAN training: preset {cfg['preset']}, data {cfg['data']}, {len(data.class_names)} classes "
-        f"{data.class_names}")  # fmt: skip
+    log(
+        f"DAN training: preset {cfg['preset']}, data {cfg['data']}, {len(data.class_names)} classes "
+        f"{data.class_names}"
+    )
     if cfg["preset_reason"]:
         log(f"  recipe: {cfg['preset_reason']}")
     n_val = len(data.val) if data.val is not None else 0
@@ -712,9 +763,11 @@ def log_header(current: Run, training: Training, env: dict[str, Any]) -> None:
     log("  config (value [source]):")
     for k in sorted(cfg):
         log(f"    {k} = {cfg[k]!r} [{current.sources.get(k, 'derived')}]")
-    log(f"  env: torch {env['torch']}, device {current.device}, world {current.ranks.world}, batch "
+    log(
+        f"  env: torch {env['torch']}, device {current.device}, world {current.ranks.world}, batch "
         f"{env['batch_size']} ({current.per_rank}/rank), threads {env['threads']}, amp {current.amp_dtype}, "
-        f"scheduler per {training.sched_interval}")  # fmt: skip
+        f"scheduler per {training.sched_interval}"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -746,11 +799,17 @@ def read_resume_point(current: Run) -> tuple[dict[str, Any], Path] | None:
         return None
     ckpt = read_checkpoint(path, "--resume")
     if not is_our_checkpoint(ckpt):
-        raise UsageError("not a train_dan.py checkpoint (use --backbone-weights or --eval-only --checkpoint "
-                         "for other files)", subject=flag)  # fmt: skip
+        raise UsageError(
+            "not a train_dan.py checkpoint (use --backbone-weights or --eval-only --checkpoint "
+            "for other files)",
+            subject=flag,
+        )
     if "optimizer" not in ckpt:
-        raise UsageError(f"it holds the model only; resume from {path.parent / 'last.pt'}, which holds the "
-                         "optimizer, schedule and RNG states too", subject=flag)  # fmt: skip
+        raise UsageError(
+            f"it holds the model only; resume from {path.parent / 'last.pt'}, which holds the "
+            "optimizer, schedule and RNG states too",
+            subject=flag,
+        )
     for k, v in dict(ckpt["args"]).items():
         if k not in cfg or (k in RUNTIME_OPTIONS and k not in RESUME_KEEPS_UNLESS_FLAGGED):
             continue
@@ -777,9 +836,11 @@ def _completed_run(current: Run, path: Path) -> dict[str, Any] | None:
     if not metrics.get("complete"):
         return None
     epochs = current.cfg["epochs"]
-    current.log(f"--resume: the run in {current.out_dir} is complete ({epochs} of {epochs} epochs; "
-                f"results in {record}); nothing changed. Pass a larger --epochs to train it further"
-                + (" (a cosine schedule cannot be extended)" if current.cfg["scheduler"] == "cosine" else ""))
+    current.log(
+        f"--resume: the run in {current.out_dir} is complete ({epochs} of {epochs} epochs; "
+        f"results in {record}); nothing changed. Pass a larger --epochs to train it further"
+        + (" (a cosine schedule cannot be extended)" if current.cfg["scheduler"] == "cosine" else "")
+    )
     return metrics
 
 
@@ -797,8 +858,10 @@ def restore(current: Run, training: Training, ckpt: dict[str, Any], path: Path) 
     training.history = list(ckpt["history"])
     training.train_seconds = sum(float(h.get("seconds", 0.0)) for h in training.history)
     if int(ckpt.get("world_size", 1)) != current.ranks.world:
-        log(f"warning: checkpoint was written with world size {ckpt.get('world_size')}, now "
-            f"{current.ranks.world}: the data order (and so the result) will differ")  # fmt: skip
+        log(
+            f"warning: checkpoint was written with world size {ckpt.get('world_size')}, now "
+            f"{current.ranks.world}: the data order (and so the result) will differ"
+        )
     best_path = path.parent / "best.pt"
     if training.best_epoch > 0 and best_path.exists():
         best = read_checkpoint(best_path, "--resume (its best.pt)")
@@ -819,7 +882,11 @@ def _model_checkpoint(current: Run, training: Training, epoch: int) -> dict[str,
         "args": as_plain_values(cfg),
         "class_names": list(training.data.class_names),
         "num_classes": len(training.data.class_names),
-        "preprocessing": {"image_size": cfg["image_size"], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "preprocessing": {
+            "image_size": cfg["image_size"],
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        },
     }
 
 
@@ -839,18 +906,40 @@ def save_epoch(current: Run, training: Training, epoch: int, improved: bool) -> 
     model_ckpt = _model_checkpoint(current, training, epoch)
     if improved:
         save_torch(model_ckpt, out / "best.pt")
-        info = ModelInfo(tuple(training.data.class_names), current.cfg["image_size"],
-                         tuple(model_ckpt["preprocessing"]["mean"]), tuple(model_ckpt["preprocessing"]["std"]),
-                         training.net.model.num_heads, "dan-layers", epoch, str(out), current.cfg["data"])  # fmt: skip
+        info = ModelInfo(
+            tuple(training.data.class_names),
+            current.cfg["image_size"],
+            tuple(model_ckpt["preprocessing"]["mean"]),
+            tuple(model_ckpt["preprocessing"]["std"]),
+            training.net.model.num_heads,
+            "dan-layers",
+            epoch,
+            str(out),
+            current.cfg["data"],
+        )
         save_pretrained(training.net.model, info, out)
-    save_torch({**model_ckpt, "loss_centers": _centres(training.net), "optimizer": step.optimizer.state_dict(),
-                "scheduler": step.scheduler.state_dict(), "scaler": step.scaler.state_dict(),
-                "global_step": training.global_step, "best_metric": training.best_metric,
-                "best_epoch": training.best_epoch, "select_metric": current.cfg["select_metric"],
-                "history": training.history, "world_size": current.ranks.world, "rng": rng,
-                "elapsed_seconds": current.elapsed()}, out / "last.pt")  # fmt: skip
-    write_json({"config": as_plain_values(current.cfg), "epochs": training.history, "complete": False},
-               out / "metrics.json")  # fmt: skip
+    save_torch(
+        {
+            **model_ckpt,
+            "loss_centers": _centres(training.net),
+            "optimizer": step.optimizer.state_dict(),
+            "scheduler": step.scheduler.state_dict(),
+            "scaler": step.scaler.state_dict(),
+            "global_step": training.global_step,
+            "best_metric": training.best_metric,
+            "best_epoch": training.best_epoch,
+            "select_metric": current.cfg["select_metric"],
+            "history": training.history,
+            "world_size": current.ranks.world,
+            "rng": rng,
+            "elapsed_seconds": current.elapsed(),
+        },
+        out / "last.pt",
+    )
+    write_json(
+        {"config": as_plain_values(current.cfg), "epochs": training.history, "complete": False},
+        out / "metrics.json",
+    )
 
 
 def _centres(net: DANTraining) -> Tensor | None:
@@ -893,8 +982,14 @@ def selected_by(current: Run, training: Training) -> str:
 
 
 def _evaluate(current: Run, training: Training, loader: Any) -> dict[str, Any]:
-    return evaluate(training.net, loader, current.ranks, device=current.device, autocast=current.autocast,
-                    channels_last=bool(current.cfg["channels_last"]))  # fmt: skip
+    return evaluate(
+        training.net,
+        loader,
+        current.ranks,
+        device=current.device,
+        autocast=current.autocast,
+        channels_last=bool(current.cfg["channels_last"]),
+    )
 
 
 def evaluate_best_and_last(
@@ -943,7 +1038,10 @@ def finish(current: Run, training: Training, env: dict[str, Any]) -> dict[str, A
         "tricks": recipe_description(cfg, training.sched_interval, current.amp_dtype),
         "epochs": training.history,
         "best_epoch": training.best_epoch,
-        "best_val": {"metric": cfg["select_metric"], "value": training.best_metric if training.best_epoch else None},
+        "best_val": {
+            "metric": cfg["select_metric"],
+            "value": training.best_metric if training.best_epoch else None,
+        },
         "final": final,
         "last": last,
         "train_seconds": training.train_seconds,
@@ -973,9 +1071,19 @@ def _write_results(current: Run, model: DAN, data: RunData, metrics: dict[str, A
     out = current.out_dir
     files = {"metrics": str(out / "metrics.json")}
     if current.cfg["plots"]:
-        files.update(write_run_figures(metrics["final"], out, model, data.test, dataset_labels(data.test),
-                                       data.class_names, current.device, rows=current.cfg["viz_faces"],
-                                       log=current.log))  # fmt: skip
+        files.update(
+            write_run_figures(
+                metrics["final"],
+                out,
+                model,
+                data.test,
+                dataset_labels(data.test),
+                data.class_names,
+                current.device,
+                rows=current.cfg["viz_faces"],
+                log=current.log,
+            )
+        )
     for name in ("last.pt", "best.pt", "model.safetensors"):
         if (out / name).exists():
             files[name.split(".")[0]] = str(out / name)
@@ -986,13 +1094,17 @@ def _log_summary(current: Run, metrics: dict[str, Any], env: dict[str, Any]) -> 
     cfg, log, final, last = current.cfg, current.log, metrics["final"], metrics["last"]
     log("")
     log(f"==== DAN, preset {cfg['preset']}, data {cfg['data']}: summary ====")
-    log(f"test accuracy {final['accuracy']:.4f}, balanced accuracy {final['balanced_accuracy']:.4f} "
+    log(
+        f"test accuracy {final['accuracy']:.4f}, balanced accuracy {final['balanced_accuracy']:.4f} "
         f"({final['samples']} test images; model of epoch {final['epoch']}/{last['epoch']}, "
-        f"chosen by {final['selected_by']})")  # fmt: skip
+        f"chosen by {final['selected_by']})"
+    )
     log(f"last epoch: test accuracy {last['accuracy']:.4f}, balanced {last['balanced_accuracy']:.4f}")
-    log(f"time: train {metrics['train_seconds']:.1f}s, final evaluation {metrics['eval_seconds']:.1f}s, "
+    log(
+        f"time: train {metrics['train_seconds']:.1f}s, final evaluation {metrics['eval_seconds']:.1f}s, "
         f"total {metrics['total_seconds']:.1f}s, all sessions of the run (device {current.device}, "
-        f"{env['threads']} threads, world size {current.ranks.world})")  # fmt: skip
+        f"{env['threads']} threads, world size {current.ranks.world})"
+    )
     if metrics["files"]:
         log("wrote: " + ", ".join(metrics["files"].values()))
 
@@ -1003,7 +1115,7 @@ def _log_summary(current: Run, metrics: dict[str, Any], env: dict[str, Any]) -> 
 
 
 def evaluate_checkpoint(current: Run) -> dict[str, Any]:
-    """``--eval-only``: the test metrics of ``--checkpoint`` (default ``<--out>/best.pt``), ours or the authors'.
+    """``--eval-only``: test metrics of ``--checkpoint`` (default ``<--out>/best.pt``), ours or the authors'.
 
     One of our checkpoints brings its model and loss settings and, unless flags say
     otherwise, which test set it was trained for (:data:`~dan_recipe.MODEL_KEYS`,
@@ -1020,8 +1132,10 @@ def evaluate_checkpoint(current: Run) -> dict[str, Any]:
     path = Path(cfg["checkpoint"]) if cfg["checkpoint"] else current.out_dir / "best.pt"
     if not cfg["checkpoint"]:
         if not path.exists():
-            raise UsageError(f"expected --checkpoint PATH, or --out holding a run's best.pt; there is no {path}",
-                             subject="--eval-only")  # fmt: skip
+            raise UsageError(
+                f"expected --checkpoint PATH, or --out holding a run's best.pt; there is no {path}",
+                subject="--eval-only",
+            )
         cfg["checkpoint"], current.sources["checkpoint"] = str(path), "--out's best.pt"
     prepare_out_dir(current, resuming=False)
     raw = read_checkpoint(path, "--checkpoint")
@@ -1039,34 +1153,60 @@ def evaluate_checkpoint(current: Run) -> dict[str, Any]:
     net, kind = _checkpoint_net(current, raw, path, len(data.class_names))
     net.to(current.device)
     loader = build_loaders(data, cfg, current.device, current.per_rank, rank=ranks.rank, world=ranks.world).test
-    log(f"evaluating {kind} checkpoint {path} ({cfg['num_heads']} heads, {len(data.class_names)} classes) "
-        f"on {cfg['data']} test ({len(data.test)} images)")  # fmt: skip
+    log(
+        f"evaluating {kind} checkpoint {path} ({cfg['num_heads']} heads, {len(data.class_names)} classes) "
+        f"on {cfg['data']} test ({len(data.test)} images)"
+    )
     for split, missing in data.classes_without_samples.items():
         if missing:
             log(f"  {split} split: no images of {', '.join(missing)} (their confusion-matrix rows stay empty)")
     t0 = time.perf_counter()
-    m = evaluate(net, loader, ranks, device=current.device, autocast=current.autocast,
-                 channels_last=bool(cfg["channels_last"]))  # fmt: skip
+    m = evaluate(
+        net,
+        loader,
+        ranks,
+        device=current.device,
+        autocast=current.autocast,
+        channels_last=bool(cfg["channels_last"]),
+    )
     m["checkpoint"], m["checkpoint_kind"] = str(path), kind
     epoch = raw.get("epoch", raw.get("iter")) if isinstance(raw, Mapping) else None
     m["epoch"] = int(epoch) if isinstance(epoch, (int, float)) else None
     metrics: dict[str, Any] = {
-        "complete": True, "eval_only": True, "config": as_plain_values(cfg),
-        "config_sources": current.sources, "class_names": list(data.class_names),
-        "num_classes": len(data.class_names), "classes_without_samples": data.classes_without_samples,
-        "env": environment(cfg, current.device, ranks, current.per_rank), "final": m,
-        "eval_seconds": time.perf_counter() - t0, "total_seconds": time.perf_counter() - current.t_start,
+        "complete": True,
+        "eval_only": True,
+        "config": as_plain_values(cfg),
+        "config_sources": current.sources,
+        "class_names": list(data.class_names),
+        "num_classes": len(data.class_names),
+        "classes_without_samples": data.classes_without_samples,
+        "env": environment(cfg, current.device, ranks, current.per_rank),
+        "final": m,
+        "eval_seconds": time.perf_counter() - t0,
+        "total_seconds": time.perf_counter() - current.t_start,
         "files": {},
-    }  # fmt: skip
+    }
     if ranks.main:
         metrics["files"] = {"metrics": str(current.out_dir / "metrics.json")}
         if cfg["plots"]:
-            metrics["files"].update(write_run_figures(m, current.out_dir, net.model, data.test,
-                                                      dataset_labels(data.test), data.class_names, current.device,
-                                                      rows=cfg["viz_faces"], log=log))  # fmt: skip
+            metrics["files"].update(
+                write_run_figures(
+                    m,
+                    current.out_dir,
+                    net.model,
+                    data.test,
+                    dataset_labels(data.test),
+                    data.class_names,
+                    current.device,
+                    rows=cfg["viz_faces"],
+                    log=log,
+                )
+            )
         write_json(metrics, current.out_dir / "metrics.json")
-    log(f"test accuracy {m['accuracy']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}, "
-        f"loss {m['loss']:.4f} ({m['samples']} images); written to {current.out_dir}/metrics.json")  # fmt: skip
+    log(
+        f"test accuracy {m['accuracy']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}, "
+        f"loss {m['loss']:.4f} ({m['samples']} images); written to {current.out_dir}/metrics.json"
+    )
     log("confusion matrix (rows true, columns predicted):")
     for name, row in zip(data.class_names, m["confusion_matrix"], strict=False):
         log(f"  {name:>12s} " + " ".join(f"{v:5d}" for v in row))
@@ -1086,8 +1226,11 @@ def _checkpoint_net(current: Run, raw: Any, path: Path, num_classes: int) -> tup
     if not ours:
         if shape["num_classes"] != num_classes:
             hint = " (--num-classes 7 or 8 picks AffectNet's)" if cfg["data"] == "affectnet" else ""
-            raise UsageError(f"expected a model of the {num_classes} classes of the {cfg['data']} test set{hint}, "
-                             f"got one of {shape['num_classes']} classes", subject=flag)  # fmt: skip
+            raise UsageError(
+                f"expected a model of the {num_classes} classes of the {cfg['data']} test set{hint}, "
+                f"got one of {shape['num_classes']} classes",
+                subject=flag,
+            )
         cfg["affinity"] = "none"  # their files hold no centres: no affinity loss to report
         current.sources["affinity"] = "authors' checkpoint has no centres"
     net = build_model_with_losses(cfg, num_classes)
@@ -1110,12 +1253,21 @@ def _without_cm(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k != "confusion_matrix"}
 
 
-def epoch_line(epoch: int, epochs: int, train: Mapping[str, Any], val: Mapping[str, Any] | None, lr: float,
-               seconds: float, improved: bool) -> str:  # fmt: skip
+def epoch_line(
+    epoch: int,
+    epochs: int,
+    train: Mapping[str, Any],
+    val: Mapping[str, Any] | None,
+    lr: float,
+    seconds: float,
+    improved: bool,
+) -> str:
     """The log line of one epoch: training losses and accuracies, validation, lr, time."""
-    msg = (f"[epoch {epoch}/{epochs}] train loss {train['loss']:.4f} (ce {train['ce']:.4f} af "
-           f"{train['affinity']:.4f} pt {train['partition']:.4f}) acc {train['accuracy']:.4f} "
-           f"bacc {train['balanced_accuracy']:.4f}")  # fmt: skip
+    msg = (
+        f"[epoch {epoch}/{epochs}] train loss {train['loss']:.4f} (ce {train['ce']:.4f} af "
+        f"{train['affinity']:.4f} pt {train['partition']:.4f}) acc {train['accuracy']:.4f} "
+        f"bacc {train['balanced_accuracy']:.4f}"
+    )
     if val is not None and val["samples"] > 0:
         msg += f" | val loss {val['loss']:.4f} acc {val['accuracy']:.4f} bacc {val['balanced_accuracy']:.4f}"
         if val.get("head_overlap") is not None:
@@ -1136,12 +1288,15 @@ def recipe_description(cfg: Mapping[str, Any], sched_interval: str, amp_dtype: t
         f"scheduler {sched} stepped per {sched_interval}"
         + (f" (step {cfg['step_size']}, gamma {cfg['gamma']})" if sched == "step" else "")
         + (f" (gamma {cfg['gamma']})" if sched == "exponential" else "")
-        + (f" (warmup {cfg['warmup_epochs']} epochs, floor {cfg['min_lr_ratio']})" if sched == "cosine" else ""),
+        + (
+            f" (warmup {cfg['warmup_epochs']} epochs, floor {cfg['min_lr_ratio']})" if sched == "cosine" else ""
+        ),
         f"augmentation preset {cfg['augment']!r}, image size {cfg['image_size']}",
         f"class-balanced sampler {'on' if cfg['balanced_sampler'] else 'off'}",
         f"feature loss {cfg['affinity']} x {cfg['lambda_af']}"
         + (f", {cfg['num_centers']} centres" if cfg["num_centers"] else ""),
-        f"partition loss {cfg['partition']}" + (" (normalized)" if cfg.get("partition_normalize") else "")
+        f"partition loss {cfg['partition']}"
+        + (" (normalized)" if cfg.get("partition_normalize") else "")
         + f" x {cfg['lambda_pt']}",
         f"{cfg['num_heads']} attention heads",
         f"label smoothing {cfg['label_smoothing']}",
@@ -1152,7 +1307,9 @@ def recipe_description(cfg: Mapping[str, Any], sched_interval: str, amp_dtype: t
     ]
 
 
-def environment(cfg: Mapping[str, Any], device: torch.device, ranks: Dist, per_rank_batch: int) -> dict[str, Any]:
+def environment(
+    cfg: Mapping[str, Any], device: torch.device, ranks: Dist, per_rank_batch: int
+) -> dict[str, Any]:
     """Versions, device, world size, batch sizes and threads: the run record's ``env``."""
     return {
         "torch": torch.__version__,
@@ -1208,7 +1365,9 @@ class Dist:
         """``net`` in DistributedDataParallel when several processes run, else ``net`` itself."""
         if not self.enabled:
             return net
-        return nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        return nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     def all_reduce_(self, t: Tensor) -> Tensor:
         """Sum ``t`` over the ranks, in place."""
@@ -1262,8 +1421,11 @@ class _ProcessSettings(contextlib.AbstractContextManager):
     """Saves torch's deterministic-algorithm flags and thread count; restores them on exit."""
 
     def __enter__(self) -> _ProcessSettings:
-        self.saved = (torch.are_deterministic_algorithms_enabled(),
-                      torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_num_threads())  # fmt: skip
+        self.saved = (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.get_num_threads(),
+        )
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -1308,7 +1470,7 @@ def cpu_has_native_bf16(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> bo
 def amp_setup(
     cfg: Mapping[str, Any], device: torch.device, log: Callable[[str], None]
 ) -> tuple[Callable[[], Any], torch.dtype | None, bool]:
-    """Autocast for ``--amp`` / ``--amp-dtype``: ``(context factory, dtype or None, whether a GradScaler is needed)``.
+    """Autocast for ``--amp``: ``(context factory, dtype or None, whether a GradScaler is needed)``.
 
     On a CPU without native bfloat16 it warns once (:data:`AMP_WITHOUT_BF16_WARNING`).
 
@@ -1323,8 +1485,9 @@ def amp_setup(
             want = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     else:
         if want == "fp16":
-            raise UsageError("expected bf16 or auto on the CPU (float16 autocast needs CUDA)",
-                             subject="--amp-dtype fp16")  # fmt: skip
+            raise UsageError(
+                "expected bf16 or auto on the CPU (float16 autocast needs CUDA)", subject="--amp-dtype fp16"
+            )
         want = "bf16"
         if cpu_has_native_bf16() is False:
             log(AMP_WITHOUT_BF16_WARNING)

@@ -74,7 +74,16 @@ __all__ = [
 #: RAF-DB's classes in label order (label ``i`` is line label ``i + 1`` of its annotation file).
 RAFDB_CLASSES: tuple[str, ...] = ("Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral")
 #: AffectNet's classes; label ``i`` is folder ``str(i)``. AffectNet-7 drops the last.
-AFFECTNET_CLASSES: tuple[str, ...] = ("Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt")
+AFFECTNET_CLASSES: tuple[str, ...] = (
+    "Neutral",
+    "Happy",
+    "Sad",
+    "Surprise",
+    "Fear",
+    "Disgust",
+    "Anger",
+    "Contempt",
+)
 #: The published label orders by name (``--labels``, ``load_model(labels=...)``).
 LABEL_SETS: dict[str, tuple[str, ...]] = {
     "rafdb": RAFDB_CLASSES,
@@ -270,8 +279,9 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))  # fmt: skip
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
 

@@ -29,7 +29,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
-from dan_recipe import model as recipe_model, train, utils  # noqa: E402
+from dan_recipe import model as recipe_model  # noqa: E402
+from dan_recipe import train, utils  # noqa: E402
 
 CLASS_NAMES = ("calm", "joy", "gloom")
 #: Flags every command test passes: the CPU, one thread, no progress bar.
@@ -99,9 +100,19 @@ def save_our_checkpoint(path: Path, *, num_heads: int = 2, image_size: int = 48,
     net = train.build_model_with_losses(cfg, len(CLASS_NAMES)).eval()
     _vary_batchnorm(net, seed)
     args = {**cfg, "image_size": image_size, "select_metric": "accuracy", "data": "imagefolder"}
-    state = {"format": recipe_model.CHECKPOINT_FORMAT, "model": net.state_dict(), "epoch": 1, "args": args,
-             "class_names": list(CLASS_NAMES), "num_classes": len(CLASS_NAMES),
-             "preprocessing": {"image_size": image_size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
+    state = {
+        "format": recipe_model.CHECKPOINT_FORMAT,
+        "model": net.state_dict(),
+        "epoch": 1,
+        "args": args,
+        "class_names": list(CLASS_NAMES),
+        "num_classes": len(CLASS_NAMES),
+        "preprocessing": {
+            "image_size": image_size,
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+        },
+    }
     utils.save_torch(state, path)
     return path
 

@@ -46,7 +46,9 @@ def test_a_run_scores_the_missing_class_row_empty(tmp_path, make_imagefolder_tre
 def test_a_test_class_that_training_lacks_is_an_error(tmp_path, make_imagefolder_tree):
     root = make_imagefolder_tree(tmp_path, 2, classes=("a", "b"))
     (root / "test" / "b").rename(root / "test" / "c")
-    with pytest.raises(utils.RecipeError, match=r"test split has class folders 'c' that the training split lacks"):
+    with pytest.raises(
+        utils.RecipeError, match=r"test split has class folders 'c' that the training split lacks"
+    ):
         train_dan.main([*TINY, *FOLDERS, "--data-root", str(root), "--out", str(tmp_path / "run")])
 
 

@@ -124,9 +124,7 @@ def test_auto_threads_follow_what_other_processes_use(monkeypatch):
         threads.update()
         assert torch.get_num_threads() == 1
         clocks = {"clock": lambda: now["wall"], "cpu_clock": lambda: now["own"]}
-        frozen = utils.AutoThreads(
-            said.append, adapt=False, stat=lambda: (now["idle"], now["total"]), **clocks
-        )
+        frozen = utils.AutoThreads(said.append, adapt=False, stat=lambda: (now["idle"], now["total"]), **clocks)
         advance(30.0, own_cpus=1.0, other_cpus=0.0)
         frozen.update()  # DataLoader workers: their time would count as another process's
         assert torch.get_num_threads() == 1

@@ -23,9 +23,10 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
-from dan_recipe import model as recipe_model, utils  # noqa: E402
-  # noqa: E402
+from dan_recipe import model as recipe_model  # noqa: E402
+from dan_recipe import utils  # noqa: E402
 
+# noqa: E402
 import dan_layers  # noqa: E402
 
 # ----------------------------------------------------------------------------------------

@@ -15,8 +15,6 @@ import numpy as np
 import pytest
 import torch
 from dan_recipe import data, synthetic, transforms, utils
-
-
 from torch.utils.data import DataLoader
 
 SEEDS = (0, 1, 2, 3, 11)
@@ -29,7 +27,15 @@ SEEDS = (0, 1, 2, 3, 11)
 class TestSyntheticDesign:
     def test_table_is_complete_and_valid(self):
         assert list(synthetic.REGION_STATES) == list(synthetic.CLASS_NAMES)
-        assert synthetic.CLASS_NAMES == ("Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral")
+        assert synthetic.CLASS_NAMES == (
+            "Surprise",
+            "Fear",
+            "Disgust",
+            "Happiness",
+            "Sadness",
+            "Anger",
+            "Neutral",
+        )
         for name, states in synthetic.REGION_STATES.items():
             assert set(states) == set(synthetic.REGIONS), name
             for r, s in states.items():
@@ -72,7 +78,9 @@ class TestSyntheticDesign:
     @pytest.mark.parametrize("region", synthetic.REGIONS)
     def test_hidden_region_keeps_other_classes_apart(self, region):
         pairs = set(synthetic.confusable_pairs(region))
-        imgs = [synthetic.render_face(k, np.random.default_rng(5), 40, hidden_regions=(region,)) for k in range(7)]
+        imgs = [
+            synthetic.render_face(k, np.random.default_rng(5), 40, hidden_regions=(region,)) for k in range(7)
+        ]
         for i, j in itertools.combinations(range(7), 2):
             if (i, j) not in pairs:
                 assert not np.array_equal(imgs[i], imgs[j]), (region, i, j)
@@ -226,7 +234,9 @@ class TestTransforms:
         torch.testing.assert_close(data.RandomCrop(16)(x), x)
         padded = data.RandomCrop(16, padding=8, generator=gen(1))(torch.ones(16, 3, 16, 16))
         assert (padded == 0).any()  # some crops show the padding
-        er = data.RandomErasing(p=1.0, scale=(0.1, 0.2), value=-5.0, generator=gen(2))(torch.zeros(8, 3, 32, 32))
+        er = data.RandomErasing(p=1.0, scale=(0.1, 0.2), value=-5.0, generator=gen(2))(
+            torch.zeros(8, 3, 32, 32)
+        )
         frac = (er == -5.0).float().mean(dim=(1, 2, 3))
         assert bool(((frac > 0.05) & (frac < 0.3)).all()), frac
         assert torch.equal(data.RandomErasing(p=0.0)(x), x)
@@ -478,9 +488,7 @@ class TestClassBalancedSampler:
         assert list(data.ClassBalancedSampler(self.LABELS, seed=4)) != e0
 
     def test_shards_cover_the_global_draw(self):
-        shards = [
-            data.ClassBalancedSampler(self.LABELS, 1001, seed=1, rank=r, world_size=3) for r in range(3)
-        ]
+        shards = [data.ClassBalancedSampler(self.LABELS, 1001, seed=1, rank=r, world_size=3) for r in range(3)]
         for s in shards:
             s.set_epoch(2)
         lists = [list(s) for s in shards]
@@ -602,8 +610,14 @@ def _synthetic_command(args, cwd):
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["{out}", "--size", "big"], ["{out}", "--size", "8"], ["{out}", "--train", "-1"], ["{out}", "--bogus"],
-     ["{out}", "--train", "0", "--val", "0", "--test", "0"]],
+    [
+        [],
+        ["{out}", "--size", "big"],
+        ["{out}", "--size", "8"],
+        ["{out}", "--train", "-1"],
+        ["{out}", "--bogus"],
+        ["{out}", "--train", "0", "--val", "0", "--test", "0"],
+    ],
 )
 def test_synthetic_command_says_a_mistake_in_one_line(tmp_path, args):
     out = tmp_path / "faces"

@@ -15,7 +15,6 @@ import tarfile
 
 import pytest
 from dan_recipe import config, train
-
 from tiny_runs import ROOT
 
 README = ROOT / "README.md"
@@ -111,8 +110,9 @@ def test_demo_preset_stays_within_its_compute_budget():
 
 
 def test_the_docs_first_page_lists_every_module_of_the_library():
-    import dan_layers
     from torch import nn
+
+    import dan_layers
 
     index = (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
     modules = [n for n in dan_layers.__all__ if isinstance(getattr(dan_layers, n), type)

@@ -14,7 +14,8 @@ import explain
 import numpy as np
 import pytest
 import torch
-from dan_recipe import gradcam, photos as recipe_photos, records
+from dan_recipe import gradcam, records
+from dan_recipe import photos as recipe_photos
 from photo_helpers import (
     CLASS_NAMES,
     QUIET_CPU,
@@ -79,7 +80,6 @@ def test_saved_maps_are_those_of_the_model_for_the_target(photos, ours, tmp_path
     net, info = recipe_photos.load_checkpoint_for_inference(str(ours), fast=False)
     classifier = recipe_photos.FaceClassifier(net, info)
     (box,) = [json.loads(line)["box"] for line in (out / explain.INDEX_NAME).read_text().splitlines()]
-    
 
     crop = recipe_photos.crop_face(recipe_photos.read_image(photos / "b" / "face.png"), records.Box(*box))
     expected = gradcam.explain_heads(net, classifier.batch([crop]), target=2)

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dan_recipe import gradcam, model as recipe_model
+from dan_recipe import gradcam
+from dan_recipe import model as recipe_model
 from photo_helpers import save_our_checkpoint  # noqa: F401  (puts examples/ on sys.path)
 from torch import nn
 

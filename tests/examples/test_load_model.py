@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 import train_dan
-from dan_recipe import data, model as recipe_model, synthetic, transforms, utils
+from dan_recipe import data, synthetic, transforms, utils
+from dan_recipe import model as recipe_model
 from tiny_runs import TINY
 
 SYNTH = ["--data", "synthetic", "--synthetic-train", "28", "--synthetic-test", "14", "--val-fraction", "0"]
@@ -62,7 +63,9 @@ def test_authors_checkpoint_loads_with_their_preprocessing(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(net(x)[0], ref(x)[0], rtol=1e-5, atol=1e-5)
-    with pytest.raises(recipe_model.LabelsNeededError, match=r"labels: expected labels .*RAF-DB and AffectNet-7 order"):
+    with pytest.raises(
+        recipe_model.LabelsNeededError, match=r"labels: expected labels .*RAF-DB and AffectNet-7 order"
+    ):
         recipe_model.load_model(path)
     with pytest.raises(ValueError, match="expected a checkpoint with 8 classes, got 7"):
         recipe_model.load_model(path, labels="rafdb", num_classes=8)
@@ -82,7 +85,9 @@ def test_unreadable_files_say_why_without_unsafe_advice(tmp_path):
     with pytest.raises(utils.CheckpointError) as err:
         recipe_model.load_model(bad)
     assert "weights_only=False" not in str(err.value) and "bad.pt" in str(err.value)
-    with pytest.raises(utils.InputError, match="missing.pt: expected a checkpoint, got a path that does not exist"):
+    with pytest.raises(
+        utils.InputError, match="missing.pt: expected a checkpoint, got a path that does not exist"
+    ):
         recipe_model.load_model(tmp_path / "missing.pt")
 
 

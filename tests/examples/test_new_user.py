@@ -48,8 +48,9 @@ def test_the_kind_of_data_is_read_from_the_folder(tmp_path, make_rafdb_tree, mak
         assert cfg["preset"] == config.PRESET_FOR_DATA[kind]
 
 
-def test_a_class_folder_run_without_data_trains_on_the_folder_not_on_synthetic_faces(tmp_path,
-                                                                                    make_imagefolder_tree):
+def test_a_class_folder_run_without_data_trains_on_the_folder_not_on_synthetic_faces(
+    tmp_path, make_imagefolder_tree
+):
     root = make_imagefolder_tree(tmp_path, 3)
     m = run(tmp_path / "out", "--data-root", str(root))  # was: synthetic faces, data_root ignored, exit 0
     assert m["config"]["data"] == "imagefolder" and m["class_names"] == ["Angry", "Happy", "Neutral"]
@@ -113,7 +114,9 @@ def test_class_folders_get_a_recipe_that_learns_from_scratch_and_flags_win(tmp_p
     assert cfg["lr"] == 1e-3 and sources["lr"] == "flag" and cfg["epochs"] == 3
     # with a pretrained backbone, the authors' RAF-DB recipe (SGD, lr 0.1) fine-tunes it
     cfg, _ = config.resolve_config(["--data-root", str(root), "--backbone-weights", "resnet18_msceleb.pth"])
-    assert cfg["preset"] == "rafdb" and cfg["optimizer"] == "sgd" and "--backbone-weights" in cfg["preset_reason"]
+    assert (
+        cfg["preset"] == "rafdb" and cfg["optimizer"] == "sgd" and "--backbone-weights" in cfg["preset_reason"]
+    )
     # and a --preset is never second-guessed
     cfg, _ = config.resolve_config(["--data", "imagefolder", "--data-root", str(root), "--preset", "demo"])
     assert cfg["preset"] == "demo" and cfg["preset_reason"] is None
@@ -161,7 +164,10 @@ def test_eval_only_with_out_evaluates_its_best_pt(tmp_path, capsys):
     out = tmp_path / "run"
     m = run(out, *SYNTH, "--val-fraction", "0")
     e = train_dan.main([*TINY, *SYNTH, "--eval-only", "--out", str(out), "--overwrite"])
-    assert e["final"]["checkpoint"] == str(out / "best.pt") and e["config_sources"]["checkpoint"] == "--out's best.pt"
+    assert (
+        e["final"]["checkpoint"] == str(out / "best.pt")
+        and e["config_sources"]["checkpoint"] == "--out's best.pt"
+    )
     assert e["final"]["confusion_matrix"] == m["final"]["confusion_matrix"]
     line = _one_line_error([*TINY, *SYNTH, "--eval-only", "--out", str(tmp_path / "empty")], capsys)
     assert "--eval-only" in line and "best.pt" in line
@@ -206,10 +212,13 @@ def test_best_pt_and_the_release_files_are_what_the_photo_commands_load(tmp_path
     run(out, *SYNTH)
     picture = save_image(tmp_path / "astronaut.jpg", astronaut())
     for checkpoint in (out / "best.pt", out, out / "model.safetensors"):
-        status, err = utils.run_command(predict.main, [str(picture), "--checkpoint", str(checkpoint), *QUIET_CPU]), ""
-        assert status == 0, capsys.readouterr().err
+        argv = [str(picture), "--checkpoint", str(checkpoint), *QUIET_CPU]
+        assert utils.run_command(predict.main, argv) == 0, capsys.readouterr().err
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert len(records) == 3 and records[0]["probabilities"] == records[1]["probabilities"] == records[2]["probabilities"]
+    assert (
+        len(records) == 3
+        and records[0]["probabilities"] == records[1]["probabilities"] == records[2]["probabilities"]
+    )
 
 
 def test_makefile_demo_installs_only_what_the_demo_needs():

@@ -18,7 +18,8 @@ import numpy as np
 import predict
 import pytest
 import torch
-from dan_recipe import photos as recipe_photos, records, transforms, utils
+from dan_recipe import photos as recipe_photos
+from dan_recipe import records, transforms, utils
 from photo_helpers import (
     ASTRONAUT_FACE,
     CLASS_NAMES,
@@ -80,7 +81,9 @@ def test_probabilities_are_the_models_on_the_crop(photos, ours, capsys):
     status, out, _ = run_cli(predict.main, argv, capsys)
     (record,) = _jsonl(out)
     net, info = recipe_photos.load_checkpoint_for_inference(str(ours), fast=False)
-    crop = recipe_photos.crop_face(recipe_photos.read_image(photos / "astronaut.jpg"), records.Box(*record["box"]))
+    crop = recipe_photos.crop_face(
+        recipe_photos.read_image(photos / "astronaut.jpg"), records.Box(*record["box"])
+    )
     x = transforms.eval_transform(info.image_size, info.mean, info.std)(crop)[None]
     with torch.no_grad():
         expected = torch.softmax(net(x)[0], 1)[0].tolist()

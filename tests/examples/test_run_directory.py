@@ -33,7 +33,9 @@ def test_a_second_run_into_the_same_out_is_refused(tmp_path):
     run(out)
     files = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.json")}
     with pytest.raises(
-        utils.RecipeError, match=r"--out .* holding last\.pt, best\.pt, model\.safetensors, config\.json, metrics\.json.*--resume.*--overwrite"
+        utils.RecipeError,
+        match=r"--out .* holding last\.pt, best\.pt, model\.safetensors, config\.json, metrics\.json"
+        r".*--resume.*--overwrite",
     ):
         run(out, "--seed", "1")
     assert {name: (out / name).read_bytes() for name in files} == files  # untouched

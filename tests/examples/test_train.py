@@ -14,8 +14,8 @@ import sys
 import pytest
 import torch
 import train_dan
-from dan_recipe import config, model as recipe_model, train, utils
-
+from dan_recipe import config, train, utils
+from dan_recipe import model as recipe_model
 
 # a run as small as a run can be: 32 px, 3 steps of 8, 1 epoch, no figures
 from tiny_runs import EXAMPLES, ROOT, SYNTH, TINY, run
@@ -313,7 +313,10 @@ def test_dan_keeps_the_state_dict_keys_it_always_had():
     assert not any(k.startswith("head.") for k in keys)
     other = recipe_model.DAN(num_classes=3, num_heads=2)
     other.load_state_dict(model.state_dict())  # the flat keys load ...
-    nested = {("head." + k if k.startswith(("attention.", "fusion.")) else k): v for k, v in model.state_dict().items()}
+    nested = {
+        ("head." + k if k.startswith(("attention.", "fusion.")) else k): v
+        for k, v in model.state_dict().items()
+    }
     other.load_state_dict(nested)  # ... and so do the module's own names
     for k, v in model.state_dict().items():
         assert torch.equal(other.state_dict()[k], v), k
