@@ -133,8 +133,8 @@ class _Writer:
         write_head_figure(
             self.folder / f"{base}.png",
             pixels,
-            upsample_maps(attention, size).numpy(),
-            gradcam.numpy(),
+            attention.numpy(),
+            maps.gradcam[row].numpy(),
             predicted=f"predicted: {classes[best]} {probs[best]:.2f}",
             target_name=classes[target],
         )

@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-__all__ = ["plot_attention", "plot_confusion", "write_head_figure", "write_run_figures"]
+__all__ = [
+    "COARSE_CELLS",
+    "head_figure",
+    "plot_attention",
+    "plot_confusion",
+    "write_head_figure",
+    "write_run_figures",
+]
 
 
 def plot_confusion(cm: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str) -> None:
@@ -173,12 +180,11 @@ def write_run_figures(
 # explain.py's figure
 # --------------------------------------------------------------------------------------
 
-_PANEL_INCHES = 1.9
-
-
-def _scaled(heat: np.ndarray) -> np.ndarray:
-    top = float(heat.max())
-    return heat / top if top > 0 else np.zeros_like(heat)
+_PANEL_INCHES = 1.7
+#: Maps with at most this many cells a side cannot show facial regions (a 48 px face: 2 x 2).
+COARSE_CELLS = 2
+#: One colour map per row, so that the two kinds of map never look alike.
+_ROW_STYLES = (("attention", "inferno"), ("Grad-CAM++", "viridis"))
 
 
 def write_head_figure(
@@ -190,39 +196,88 @@ def write_head_figure(
     predicted: str,
     target_name: str,
 ) -> None:
-    """Write the PNG of one face.
+    """Write :func:`head_figure` as a PNG (arguments as there, ``path`` first)."""
+    import matplotlib.pyplot as plt
+
+    fig = head_figure(crop, attention, gradcam, predicted=predicted, target_name=target_name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def head_figure(
+    crop: np.ndarray,
+    attention: np.ndarray,
+    gradcam: np.ndarray,
+    *,
+    predicted: str,
+    target_name: str,
+) -> Any:
+    """``explain.py``'s picture of one face: the crop once, then each head's two maps, each row on one scale.
+
+    Left: the crop as the model saw it (its input size, drawn pixel for pixel). Then
+    one column per head, numbered from 0 as in ``train_dan.py``'s
+    ``attention_maps.png``. Top row: the head's spatial attention map; bottom row:
+    Grad-CAM++ of the head's attended features for ``target_name``. Every map is
+    drawn at its own resolution (one square per feature-map cell, with the cell
+    grid) over the face, and each row shares one colour scale, with its bar, so
+    heads can be compared. A map of :data:`COARSE_CELLS` cells a side or fewer is
+    labelled as too coarse to show regions. A caption says what each row shows.
 
     Args:
-        path: The ``.png`` to write.
         crop: ``(S, S, 3)`` ``uint8`` face, as the model saw it.
-        attention: ``(K, S, S)`` attention maps at the crop's resolution.
-        gradcam: ``(K, S, S)`` Grad-CAM++ maps at the crop's resolution.
-        predicted: Title of the crop, e.g. ``"predicted: Happy 0.91"``.
-        target_name: The class explained by the Grad-CAM++ maps.
+        attention: ``(K, h, w)`` attention maps (the feature map's cells).
+        gradcam: ``(K, h, w)`` Grad-CAM++ maps.
+        predicted: What the model said, e.g. ``"predicted: Happy 0.91"``.
+        target_name: The class the Grad-CAM++ maps explain.
+
+    Returns:
+        The matplotlib ``Figure``.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    heads = attention.shape[0]
-    fig, axes = plt.subplots(
-        2, heads + 1, figsize=(_PANEL_INCHES * (heads + 1), _PANEL_INCHES * 2 + 0.7), squeeze=False
-    )
-    rows = (
-        (attention, predicted, "attention"),
-        (gradcam, f"explained: {target_name}", f"Grad-CAM++: {target_name}"),
-    )
-    for row, (maps, title, kind) in enumerate(rows):
-        axes[row, 0].imshow(crop)
-        axes[row, 0].set_title(title, fontsize=8)
+    heads, cells_h, cells_w = attention.shape
+    size = crop.shape[0]
+    coarse = max(cells_h, cells_w) <= COARSE_CELLS
+    fig = plt.figure(figsize=(_PANEL_INCHES * (heads + 2.3), _PANEL_INCHES * 2 + 1.2))
+    grid = fig.add_gridspec(2, heads + 2, width_ratios=[1.6] + [1] * heads + [0.08], left=0.02, right=0.94,
+                            top=0.86, bottom=0.2, wspace=0.12, hspace=0.35)  # fmt: skip
+    ax = fig.add_subplot(grid[:, 0])
+    ax.imshow(crop, interpolation="nearest")
+    ax.set_title(f"model input, {size} x {size} px\n{predicted}", fontsize=9)
+    ax.set_axis_off()
+    gray = crop.astype(np.float32).mean(axis=2)
+    extent = (-0.5, size - 0.5, size - 0.5, -0.5)
+    for row, (maps, (kind, cmap)) in enumerate(zip((attention, gradcam), _ROW_STYLES, strict=True)):
+        top = float(maps.max()) if maps.size and float(maps.max()) > 0 else 1.0
+        image = None
         for k in range(heads):
-            ax = axes[row, k + 1]
-            ax.imshow(crop)
-            ax.imshow(_scaled(maps[k]), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
-            ax.set_title(f"head {k + 1}\n{kind}", fontsize=8)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    fig.tight_layout(pad=0.4)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+            ax = fig.add_subplot(grid[row, k + 1])
+            ax.imshow(gray, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            image = ax.imshow(maps[k], cmap=cmap, vmin=0.0, vmax=top, alpha=0.6, extent=extent,
+                              interpolation="nearest")  # fmt: skip
+            for i in range(1, cells_h):
+                ax.axhline(i * size / cells_h - 0.5, color="white", lw=0.5, alpha=0.6)
+            for j in range(1, cells_w):
+                ax.axvline(j * size / cells_w - 0.5, color="white", lw=0.5, alpha=0.6)
+            what = kind if row == 0 else f"{kind} for {target_name}"
+            title = f"head {k}: {what}\n{cells_h}x{cells_w} cells" + (
+                ", too coarse for regions" if coarse else ""
+            )
+            ax.set_title(title, fontsize=7.5)
+            ax.set_axis_off()
+        bar = fig.colorbar(image, cax=fig.add_subplot(grid[row, heads + 1]))
+        bar.ax.tick_params(labelsize=7)
+        bar.set_label("attention weight" if row == 0 else "Grad-CAM++", fontsize=8)
+    fig.suptitle(f"Where each of the {heads} heads looks", fontsize=11)
+    fig.text(
+        0.02, 0.03,
+        "Top: each head's spatial attention map, the weight the head gives each cell of the feature map before "
+        "it pools the channels.\nBottom: Grad-CAM++ of each head's attended features for "
+        f"{target_name}: the cells whose features raise that class's score. One colour scale per row; "
+        "heads numbered as in train_dan.py's attention_maps.png.",
+        fontsize=8, va="bottom", wrap=True,
+    )  # fmt: skip
+    return fig

@@ -60,6 +60,7 @@ __all__ = [
     "DEFAULT_MARGIN",
     "DEFAULT_MIN_FACE",
     "HAAR_FRONTAL_FACE",
+    "SYNTHETIC_WARNING",
     "VIDEO_EXTENSIONS",
     "FaceClassifier",
     "FaceDetector",
@@ -780,6 +781,13 @@ def check_shared_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"expected auto or an int >= 1, got {args.threads}", subject="--threads")
 
 
+#: Said once by both photo commands for a model that learnt from the built-in synthetic faces only.
+SYNTHETIC_WARNING = (
+    "warning: --checkpoint {checkpoint} learnt from synthetic cartoon faces only: its labels say nothing about "
+    "real faces (use it to try the commands; for expressions, use a model trained on RAF-DB or AffectNet)"
+)
+
+
 def open_model(args: argparse.Namespace, log: Any) -> tuple[DAN, ModelInfo, FaceClassifier]:
     """Threads, device, the model of ``--checkpoint`` and its :class:`FaceClassifier`."""
     set_threads(args.threads, log)
@@ -787,6 +795,8 @@ def open_model(args: argparse.Namespace, log: Any) -> tuple[DAN, ModelInfo, Face
     model, info = load_checkpoint_for_inference(
         args.checkpoint, labels=args.labels, device=device, fast=args.fast, log=log
     )
+    if info.synthetic:
+        log(SYNTHETIC_WARNING.format(checkpoint=args.checkpoint))
     return model, info, FaceClassifier(model, info, device, channels_last=args.fast)
 
 

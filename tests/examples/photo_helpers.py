@@ -92,14 +92,16 @@ def _vary_batchnorm(net: torch.nn.Module, seed: int) -> None:
     fusion_bn.running_var.fill_(1e4)
 
 
-def save_our_checkpoint(path: Path, *, num_heads: int = 2, image_size: int = 48, seed: int = 0) -> Path:
-    """A checkpoint in train_dan.py's format, 3 classes (:data:`CLASS_NAMES`), untrained."""
+def save_our_checkpoint(
+    path: Path, *, num_heads: int = 2, image_size: int = 48, seed: int = 0, data: str = "imagefolder"
+) -> Path:
+    """A checkpoint in best.pt's format, 3 classes (:data:`CLASS_NAMES`), untrained, its data ``data``."""
     torch.manual_seed(seed)
     cfg = {"num_heads": num_heads, "affinity": "affinity", "partition": "paper", "lambda_af": 1.0,
            "lambda_pt": 1.0, "num_centers": None, "label_smoothing": 0.0}  # fmt: skip
     net = train.build_model_with_losses(cfg, len(CLASS_NAMES)).eval()
     _vary_batchnorm(net, seed)
-    args = {**cfg, "image_size": image_size, "select_metric": "accuracy", "data": "imagefolder"}
+    args = {**cfg, "image_size": image_size, "select_metric": "accuracy", "data": data}
     state = {
         "format": recipe_model.CHECKPOINT_FORMAT,
         "model": net.state_dict(),
