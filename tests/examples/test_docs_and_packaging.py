@@ -120,3 +120,26 @@ def test_the_docs_first_page_lists_every_module_of_the_library():
     assert {"DANHead", "DANLoss"} <= set(modules)
     for name in modules:
         assert f"`{name}`" in index, name
+
+
+def test_the_photos_guide_snippets_need_only_what_its_install_installs():
+    """Every ``python`` block of photos.md runs after ``pip install -e ".[examples]"`` (issue 17)."""
+    import ast
+
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    extra = re.search(r"^examples = \[\n(.*?)^\]", pyproject, re.S | re.M).group(1)
+    import_names = {"pillow": "PIL", "opencv-python-headless": "cv2"}
+    allowed = {import_names.get(n.lower(), n.lower()) for n in re.findall(r'^\s*"([\w.-]+)', extra, re.M)}
+    assert {"PIL", "matplotlib", "cv2"} <= allowed
+    allowed |= {"dan_layers", "torch", "einops", "typing_extensions"}
+    allowed |= {"predict", "explain", "train_dan", "dan_recipe"}
+    text = (ROOT / "docs" / "guides" / "photos.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    for block in blocks:
+        for node in ast.walk(ast.parse(block)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for name in names:
+                top = name.split(".")[0]
+                assert top in sys.stdlib_module_names or top in allowed, (top, block[:80])
