@@ -10,8 +10,8 @@ Axis legend: ``b`` batch, ``k`` heads, ``i`` / ``o`` input / output features.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,8 @@ from torch import nn
 from dan_layers._tracing import fx_leaf
 
 __all__: list[str] = []  # private module
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 #: The name of the one convolution that re-parameterization merges a spatial unit's branches into.
 FUSED_BRANCH = "conv_fused"
@@ -52,6 +54,20 @@ def headwise_conv2d(
         for part, w, b in zip(parts, weights, biases, strict=True)
     ]
     return torch.cat(outputs, dim=1)
+
+
+@fx_leaf
+def as_heads(x: torch.Tensor) -> torch.Tensor:
+    """A channel unit's input as heads ``(B, K, C)``: as it is, or pooled to ``(B, 1, C)``."""
+    if x.ndim == 3:
+        return x
+    return (x.mean(dim=(2, 3)) if x.ndim == 4 else x).unsqueeze(1)
+
+
+@fx_leaf
+def like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` ``(B, K, C)`` in the layout of the channel unit's input ``x``: one head squeezed unless 3-D."""
+    return t if x.ndim == 3 else t.squeeze(1)
 
 
 class HeadwiseConv2d(nn.Conv2d):
@@ -108,6 +124,9 @@ class HeadwiseLinear(nn.Module):
 
 def merge_heads_into(target: nn.Module, sources: Sequence[nn.Module], what: str) -> None:
     """Load K one-head modules' weights into the K-head ``target`` (concatenated on dim 0)."""
+    num_heads = getattr(target, "num_heads", None)
+    if len(sources) != num_heads:
+        raise ValueError(f"{what}: expected {num_heads} per-head modules, got {len(sources)}")
     target_state = target.state_dict()
     for i, source in enumerate(sources):
         if type(source) is not type(target) or getattr(source, "num_heads", None) != 1:
@@ -138,8 +157,16 @@ def merge_heads_into(target: nn.Module, sources: Sequence[nn.Module], what: str)
     target.load_state_dict(merged)
 
 
-def split_heads_from(source: nn.Module, heads: Sequence[nn.Module]) -> None:
-    """Copy the K-head ``source``'s weights, chunked on dim 0, into K one-head modules."""
+def split_heads_from(source: ModuleT, make_head: Callable[[], ModuleT]) -> list[ModuleT]:
+    """K one-head modules from ``make_head()`` holding the K-head ``source``'s weights (chunks of dim 0).
+
+    The heads take ``source``'s train/eval mode and re-parameterization state.
+    """
+    heads = [make_head() for _ in range(cast(int, source.num_heads))]
+    for head in heads:
+        if source.is_reparameterized:
+            head.eval().reparameterize()  # type: ignore[operator]
+        head.train(source.training)
     states: list[dict[str, torch.Tensor]] = [{} for _ in heads]
     for key, value in source.state_dict().items():
         chunks = [value] * len(heads) if value.ndim == 0 else value.chunk(len(heads), dim=0)
@@ -147,3 +174,4 @@ def split_heads_from(source: nn.Module, heads: Sequence[nn.Module]) -> None:
             state[key] = chunk
     for head, state in zip(heads, states, strict=True):
         head.load_state_dict(state)
+    return heads

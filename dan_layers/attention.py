@@ -3,34 +3,26 @@ r"""DAN's multi-head cross attention network (MAN): spatial and channel attentio
 Paper: "Distract Your Attention: Multi-head Cross Attention Network for Facial
 Expression Recognition", Sec. 3.2, Eq. 3-4, Fig. 4 (https://arxiv.org/abs/2109.07270).
 
-Every module here takes ``num_heads`` and holds all heads in one set of tensors:
-the first 1x1 convolution is one wide convolution, the 3x3 / 1x3 / 3x1 branches
-are grouped convolutions (one group per head), and the channel attention's
-linear layers are batched per head. Parameters are stacked head after head
-along the output dimension, so that with ``num_heads=1`` the state-dict keys and
-shapes are exactly those of the authors' per-head modules (``conv1x1.0``,
-``conv_3x3.1``, ``attention.3`` ...).
+The three units. Each takes ``num_heads`` and holds all heads in one set of
+tensors (one wide 1x1 convolution, grouped 3x3 / 1x3 / 3x1 convolutions, batched
+linear layers: ``dan_layers._headwise``), stacked head after head, so that with
+``num_heads=1`` the state-dict keys and shapes are the authors' (``conv1x1.0``,
+``conv_3x3.1``, ``attention.3`` ...). Folding for deployment is in
+``dan_layers.deploy``; input checks in ``dan_layers._validation``.
 
 One semantics: every unit runs its submodules as modules, on every device, in
-eager mode and under ``torch.compile`` / ``torch.export``, whatever hooks are
-set. So a module swapped into a slot (``SyncBatchNorm``, ``GroupNorm``, a norm
-of your own) is computed as itself, and forward/backward hooks on any unit or
-submodule fire once per call with the same shapes everywhere. The only
-device-specific code is inside the grouped convolutions (``_HeadwiseConv2d``):
-on CPU each group runs as its own dense convolution, because oneDNN trains
-those faster than one grouped convolution; the result is the grouped
-convolution's. Nothing depends on the batch size or the memory format, so a
-traced graph has no shape guards of ours: the output keeps the input's memory
-format (pass channels-last input to compute channels-last).
+eager mode, under ``torch.compile`` / ``torch.export`` and in a ``torch.fx``
+graph, whatever hooks are set. A module swapped into a slot (``SyncBatchNorm``,
+``GroupNorm``, a norm of your own) is computed as itself, and hooks fire once
+per call with the same shapes everywhere. The only device-specific code is in
+the grouped convolutions: on CPU each group runs as its own dense convolution
+(oneDNN trains those faster), with the grouped convolution's result. Nothing
+depends on the batch size or the memory format.
 
 Departures from the paper, as in the authors' code: the spatial map is not
 passed through a sigmoid (it is an unnormalised sum over channels of a ReLU
 output), and the convolutions have biases.
-
-Axis legend: ``b`` batch, ``k`` heads, ``c`` channels, ``r`` reduced channels,
-``h w`` spatial size.
 """
-
 from __future__ import annotations
 
 import operator
@@ -41,15 +33,16 @@ import torch
 from torch import nn
 from typing_extensions import Self
 
-from dan_layers import functional as DF
 from dan_layers._headwise import (
     FUSED_BRANCH,
     HeadwiseConv2d,
     HeadwiseLinear,
+    as_heads,
+    like_input,
     merge_heads_into,
     split_heads_from,
 )
-from dan_layers._tracing import NotScriptable, call_as, fx_leaf, is_proxy, static_flag
+from dan_layers._tracing import NotScriptable, call_as, is_proxy, static_flag
 from dan_layers._validation import (
     check_batchnorm_batch,
     check_feature_map,
@@ -81,16 +74,11 @@ def _reparameterize_in_place(module: ModuleT) -> ModuleT:
     return reparameterize_model(module, inplace=True)
 
 
-@fx_leaf
-def _pooled_heads(x: torch.Tensor) -> torch.Tensor:
-    """A channel unit's input as heads ``(B, K, C)``: as it is, or pooled ``(B, 1, C)``."""
-    return x if x.ndim == 3 else DF.pool_features(x).unsqueeze(1)
-
-
-@fx_leaf
-def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``t`` ``(B, K, C)`` in the layout of the channel unit's input ``x``: one head squeezed unless 3-D."""
-    return t if x.ndim == 3 else t.squeeze(1)
+def _check_spatial_input(unit: SpatialAttention, x: torch.Tensor) -> None:
+    """The checks of a spatial unit's input (and so of a block's)."""
+    check_feature_map(x, unit.in_channels, cast(torch.Tensor, unit.conv1x1[0].weight))
+    if has_training_batchnorm(unit):
+        check_batchnorm_batch(x.shape[0], True, "SpatialAttention", x.shape[2] * x.shape[3])
 
 
 class SpatialAttention(NotScriptable, nn.Module):
@@ -206,9 +194,7 @@ class SpatialAttention(NotScriptable, nn.Module):
             Maps $(B, K, H, W)$.
         """
         if self.validate and not is_proxy(x):
-            check_feature_map(x, self.in_channels, cast(torch.Tensor, self.conv1x1[0].weight))
-            if has_training_batchnorm(self):
-                check_batchnorm_batch(x.shape[0], True, "SpatialAttention", x.shape[2] * x.shape[3])
+            _check_spatial_input(self, x)
         y = self.conv1x1(x)
         z = getattr(self, self.branch_names[0])(y)
         for name in self.branch_names[1:]:
@@ -354,11 +340,11 @@ class ChannelAttention(NotScriptable, nn.Module):
             check_same_device(x=x, weights=next(self.parameters()))
             if has_training_batchnorm(self):
                 check_batchnorm_batch(x.shape[0], True, "ChannelAttention (BatchNorm1d)")
-        pooled = _pooled_heads(x)
+        pooled = as_heads(x)
         gate = self._gate(pooled)
-        out = call_as(self, "gated", _like_input, pooled * gate, x)
+        out = call_as(self, "gated", like_input, pooled * gate, x)
         if static_flag("return_attention", return_attention):
-            return out, _like_input(gate, x)
+            return out, like_input(gate, x)
         return out
 
     def reparameterize(self) -> Self:
@@ -456,23 +442,11 @@ class MultiHeadAttentionBlock(NotScriptable, nn.Module):
         self.in_channels = in_channels
         self.num_heads = num_heads
         self.validate = validate
+        fk: dict[str, Any] = {"num_heads": num_heads, "validate": False, "device": device, "dtype": dtype}
         self.spatial = SpatialAttention(
-            in_channels,
-            num_heads=num_heads,
-            reduction=spatial_reduction,
-            kernel_sizes=kernel_sizes,
-            validate=False,
-            device=device,
-            dtype=dtype,
+            in_channels, reduction=spatial_reduction, kernel_sizes=kernel_sizes, **fk
         )
-        self.channel = ChannelAttention(
-            in_channels,
-            num_heads=num_heads,
-            reduction=channel_reduction,
-            validate=False,
-            device=device,
-            dtype=dtype,
-        )
+        self.channel = ChannelAttention(in_channels, reduction=channel_reduction, **fk)
 
     @property
     def is_reparameterized(self) -> bool:
@@ -484,9 +458,7 @@ class MultiHeadAttentionBlock(NotScriptable, nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Compute every head's feature vector; optionally also the spatial maps."""
         if self.validate and not is_proxy(x):
-            check_feature_map(x, self.in_channels, cast(torch.Tensor, self.spatial.conv1x1[0].weight))
-            if has_training_batchnorm(self.spatial):
-                check_batchnorm_batch(x.shape[0], True, "SpatialAttention", x.shape[2] * x.shape[3])
+            _check_spatial_input(self.spatial, x)
             if has_training_batchnorm(self.channel):
                 check_batchnorm_batch(x.shape[0], True, "MultiHeadAttentionBlock (BatchNorm1d)")
         maps: torch.Tensor | None = None
@@ -528,11 +500,6 @@ class MultiHeadAttentionBlock(NotScriptable, nn.Module):
         Raises:
             ValueError: wrong number of heads, or modules of another configuration.
         """
-        for what, modules in (("spatial", spatial), ("channel", channel)):
-            if len(modules) != self.num_heads:
-                raise ValueError(
-                    f"{what}: expected {self.num_heads} per-head modules, got {len(modules)}"
-                )
         merge_heads_into(self.spatial, spatial, "spatial")
         merge_heads_into(self.channel, channel, "channel")
         return self
@@ -546,32 +513,12 @@ class MultiHeadAttentionBlock(NotScriptable, nn.Module):
             ``(spatial_heads, channel_heads)``, two lists of length $K$.
         """
         first = next(self.parameters())
-        device, dtype = first.device, first.dtype
-        spatial = [
-            SpatialAttention(
-                self.in_channels,
-                reduction=self.spatial.reduction,
-                kernel_sizes=self.spatial.kernel_sizes,
-                device=device,
-                dtype=dtype,
-            )
-            for _ in range(self.num_heads)
-        ]
-        channel = [
-            ChannelAttention(
-                self.in_channels,
-                reduction=self.channel.reduction,
-                device=device,
-                dtype=dtype,
-            )
-            for _ in range(self.num_heads)
-        ]
-        for heads, fused in ((spatial, self.spatial), (channel, self.channel)):
-            for head in heads:
-                if fused.is_reparameterized:
-                    head.eval().reparameterize()
-                head.train(fused.training)
-            split_heads_from(fused, heads)
+        fk: dict[str, Any] = {"device": first.device, "dtype": first.dtype}
+        c, sa, ca = self.in_channels, self.spatial, self.channel
+        spatial = split_heads_from(
+            sa, lambda: SpatialAttention(c, reduction=sa.reduction, kernel_sizes=sa.kernel_sizes, **fk)
+        )
+        channel = split_heads_from(ca, lambda: ChannelAttention(c, reduction=ca.reduction, **fk))
         return spatial, channel
 
     def extra_repr(self) -> str:  # noqa: D102
