@@ -253,7 +253,8 @@ def reparameterize_model(model: ModuleT, *, inplace: bool = False) -> ModuleT:
         The re-parameterized model: a copy, or ``model`` itself with ``inplace=True``.
 
     Raises:
-        RuntimeError: ``model``, or a DAN unit inside it, is in train mode.
+        RuntimeError: ``model``, or a DAN unit inside it, is in train mode; or ``model``
+            cannot be deep-copied (``inplace=False``).
         ValueError: a unit holds a module that cannot be folded (unit and slot named in the message).
 
     Example:
@@ -272,7 +273,13 @@ def reparameterize_model(model: ModuleT, *, inplace: bool = False) -> ModuleT:
     if problem is not None:
         raise problem
     if not inplace:
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except RuntimeError as exc:  # e.g. a tensor attribute that is not a graph leaf
+            raise RuntimeError(
+                f"reparameterize_model: cannot deep-copy the model ({exc}); pass inplace=True to "
+                "re-parameterize it in place"
+            ) from exc
     with torch.no_grad():
         _reparameterize_tree(model)
     return model

@@ -22,7 +22,7 @@ from dan_layers import (
     SpatialAttention,
     reparameterize_model,
 )
-from dan_layers.attention import _HeadwiseConv2d
+from dan_layers._headwise import HeadwiseConv2d
 
 # ----------------------------------------------------------------------------- references
 
@@ -219,7 +219,7 @@ class TestSpatialAttention:
     def test_headwise_conv_equals_grouped_conv(self, groups, channels_last):
         # on CPU the grouped branch convolutions run group by group as dense convolutions: output and
         # every gradient must be those of the grouped convolution
-        conv = _HeadwiseConv2d(6, 9, (3, 1), padding=(1, 0), groups=groups, dtype=torch.float64)
+        conv = HeadwiseConv2d(6, 9, (3, 1), padding=(1, 0), groups=groups, dtype=torch.float64)
         x = torch.randn(4, 6, 5, 6, dtype=torch.float64)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
