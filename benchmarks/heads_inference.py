@@ -5,7 +5,7 @@ and run under ``torch.inference_mode``, interleaved in one process:
 
 * ``loop``       the authors' structure: K separate heads looped in Python;
 * ``train_form`` ``MultiHeadAttentionBlock`` in eval mode, not re-parameterized;
-* ``reparam``    the same block after ``.reparameterize()`` (BatchNorms folded, the
+* ``reparam``    ``reparameterize_model(train_form)``, a folded copy (BatchNorms folded, the
   3x3 / 1x3 / 3x1 branches merged into one 3x3 convolution per head);
 * ``reparam_cl`` ``reparam`` with a channels_last input and weights;
 * ``reparam_grouped`` ``reparam`` forced onto its grouped convolutions (what it runs
@@ -28,6 +28,8 @@ import copy
 import _common as C
 import torch
 from reference_dan import RefMultiHead, block_from_reference
+
+from dan_layers import reparameterize_model
 
 NAME = "heads_inference"
 #: agreement required of the re-parameterized output (normwise relative), by compute dtype
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         C.randomize_batchnorm(loop, seed=k)
         loop.eval()
         train_form = block_from_reference(loop).eval()
-        reparam = copy.deepcopy(train_form).reparameterize()
+        reparam = reparameterize_model(train_form)  # a folded copy; train_form keeps its BatchNorms
         reparam_cl = copy.deepcopy(reparam).to(memory_format=torch.channels_last)
         x = torch.randn(batch, args.channels, args.size, args.size, device=device)
         x_cl = x.contiguous(memory_format=torch.channels_last)
