@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from module_helpers import randomize
 from torch import nn
 
 from dan_layers import (
@@ -17,21 +18,6 @@ from dan_layers import (
     can_reparameterize,
     reparameterize_model,
 )
-
-
-@torch.no_grad()
-def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-        if tensor.dtype == torch.long:
-            continue
-        rand = torch.rand(tensor.shape, generator=g, dtype=torch.float64)
-        if name.endswith("running_var") or (name.endswith("weight") and tensor.ndim == 1):
-            value = 0.5 + rand
-        else:
-            value = (rand - 0.5) * (1.0 if tensor.ndim <= 1 else 2.0 / max(tensor[0].numel(), 1) ** 0.5)
-        tensor.copy_(value.to(tensor.dtype))
-    return module
 
 
 def conv_macs(module: nn.Module, x: torch.Tensor, *, branches_only: bool) -> int:

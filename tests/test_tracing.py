@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.fx as fx
+from module_helpers import randomize
 from torch import nn
 
 from dan_layers import (
@@ -30,22 +31,6 @@ from dan_layers import (
 )
 
 F64 = torch.float64
-
-
-@torch.no_grad()
-def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights and BatchNorm statistics, so that eval mode is not the identity."""
-    g = torch.Generator().manual_seed(seed)
-    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-        if tensor.dtype == torch.long:
-            continue
-        rand = torch.rand(tensor.shape, generator=g, dtype=F64)
-        if name.endswith("running_var") or (name.endswith("weight") and tensor.ndim == 1):
-            value = 0.5 + rand
-        else:
-            value = (rand - 0.5) * (1.0 if tensor.ndim <= 1 else 2.0 / max(tensor[0].numel(), 1) ** 0.5)
-        tensor.copy_(value.to(tensor.dtype))
-    return module
 
 
 def labels(batch: int, classes: int) -> torch.Tensor:
@@ -101,6 +86,14 @@ def run_with_grads(module: nn.Module, fn, inputs) -> tuple[list[torch.Tensor], l
     return [o.detach() for o in outs], list(grads)
 
 
+def assert_graph_equals_eager(module: nn.Module, graph, inputs, tol: float = 1e-12) -> None:
+    """Outputs and gradients of ``graph(*inputs)`` are those of ``module(*inputs)``."""
+    eager = run_with_grads(module, module, inputs)
+    traced = run_with_grads(module, graph, inputs)
+    assert_same(traced[0], eager[0], tol)
+    assert_same(traced[1], eager[1], tol)
+
+
 def assert_same(a, b, tol: float = 1e-12) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
@@ -121,10 +114,7 @@ class TestSymbolicTrace:
         inputs = make_inputs()
         traced = fx.symbolic_trace(module, concrete_args=concrete)
         assert isinstance(traced, fx.GraphModule)
-        eager = run_with_grads(module, module, inputs)
-        graph = run_with_grads(module, traced, inputs)
-        assert_same(graph[0], eager[0])
-        assert_same(graph[1], eager[1])
+        assert_graph_equals_eager(module, traced, inputs)
 
     @pytest.mark.parametrize("name,make,make_inputs,concrete", FLAGGED, ids=[c[0] for c in FLAGGED])
     def test_return_attention_goes_in_concrete_args(self, name, make, make_inputs, concrete):
@@ -219,11 +209,7 @@ class TestInsideAModel:
     def test_traced_model_equals_eager(self, train):
         model = classifier().train(train)
         inputs = (torch.randn(4, 3, 6, 6, dtype=F64), labels(4, 5))
-        traced = fx.symbolic_trace(model)
-        eager = run_with_grads(model, model, inputs)
-        graph = run_with_grads(model, traced, inputs)
-        assert_same(graph[0], eager[0])
-        assert_same(graph[1], eager[1])
+        assert_graph_equals_eager(model, fx.symbolic_trace(model), inputs)
 
     @pytest.mark.parametrize("kwargs", [{}, {"num_heads": 1}, {"gate": False}, {"validate": False}],
                              ids=["default", "one-head", "no-gate", "no-validation"])
@@ -284,12 +270,8 @@ class TestTorchScript:
             warnings.simplefilter("ignore")  # TracerWarnings of the label check (values read once)
             traced = torch.jit.trace(module, inputs, check_trace=False, strict=False)
         module.load_state_dict(state)
-        eager = run_with_grads(module, module, inputs)
-        graph = run_with_grads(module, traced, inputs)
         # DANLoss computes in float32 by design, and the TorchScript executor may fuse float32 ops
-        tol = 1e-5 if name == "DANLoss" else 1e-12
-        assert_same(graph[0], eager[0], tol)
-        assert_same(graph[1], eager[1], tol)
+        assert_graph_equals_eager(module, traced, inputs, 1e-5 if name == "DANLoss" else 1e-12)
 
     @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
     @pytest.mark.parametrize("name,make,make_inputs,concrete", CASES, ids=[c[0] for c in CASES])
