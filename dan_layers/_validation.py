@@ -111,10 +111,32 @@ def has_training_batchnorm(module: nn.Module) -> bool:
     )
 
 
-def check_feature_map(x: torch.Tensor, in_channels: int, weight: torch.Tensor) -> None:
-    """Check a feature map ``(B, in_channels, H, W)`` on the device of ``weight``."""
+def check_feature_map(
+    x: torch.Tensor, in_channels: int, weight: torch.Tensor, batchnorm_training: bool
+) -> None:
+    """Check a spatial unit's input ``(B, in_channels, H, W)``, on the device of ``weight``.
+
+    With ``batchnorm_training``, also more than one value per channel for its BatchNorms.
+    """
     check_ndim(x, "x", (4,), "(B, C, H, W)")
     check_size(x, 1, in_channels, "x", "in_channels")
+    check_same_device(x=x, weights=weight)
+    if batchnorm_training:
+        check_batchnorm_batch(x.shape[0], True, "SpatialAttention", x.shape[2] * x.shape[3])
+
+
+def check_pooled_input(x: torch.Tensor, num_heads: int, in_channels: int, weight: torch.Tensor) -> None:
+    """Check a channel unit's input, on the device of ``weight``.
+
+    ``(B, C)``, ``(B, 1, C)`` or ``(B, C, H, W)`` for one head, ``(B, K, C)`` for any number.
+    """
+    if num_heads == 1:
+        check_ndim(x, "x", (2, 3, 4), "(B, C), (B, 1, C) or (B, C, H, W)")
+    else:
+        check_ndim(x, "x", (3,), f"(B, K={num_heads}, C)")
+    if x.ndim == 3:
+        check_size(x, 1, num_heads, "x", "num_heads")
+    check_size(x, x.ndim - 1 if x.ndim == 3 else 1, in_channels, "x", "in_channels")
     check_same_device(x=x, weights=weight)
 
 

@@ -4,11 +4,10 @@ Paper: "Distract Your Attention: Multi-head Cross Attention Network for Facial
 Expression Recognition", Sec. 3.2, Eq. 3-4, Fig. 4 (https://arxiv.org/abs/2109.07270).
 
 The three units. Each takes ``num_heads`` and holds all heads in one set of
-tensors (one wide 1x1 convolution, grouped 3x3 / 1x3 / 3x1 convolutions, batched
-linear layers: ``dan_layers._headwise``), stacked head after head, so that with
+tensors (``dan_layers._headwise``), stacked head after head, so that with
 ``num_heads=1`` the state-dict keys and shapes are the authors' (``conv1x1.0``,
 ``conv_3x3.1``, ``attention.3`` ...). Folding for deployment is in
-``dan_layers.deploy``; input checks in ``dan_layers._validation``.
+``dan_layers.deploy``, input checks in ``dan_layers._validation``.
 
 One semantics: every unit runs its submodules as modules, on every device, in
 eager mode, under ``torch.compile`` / ``torch.export`` and in a ``torch.fx``
@@ -23,6 +22,7 @@ Departures from the paper, as in the authors' code: the spatial map is not
 passed through a sigmoid (it is an unnormalised sum over channels of a ReLU
 output), and the convolutions have biases.
 """
+
 from __future__ import annotations
 
 import operator
@@ -47,10 +47,8 @@ from dan_layers._validation import (
     check_batchnorm_batch,
     check_feature_map,
     check_kernel_sizes,
-    check_ndim,
+    check_pooled_input,
     check_positive,
-    check_same_device,
-    check_size,
     has_training_batchnorm,
     reduced_width,
 )
@@ -63,7 +61,6 @@ DAN_KERNEL_SIZES: tuple[tuple[int, int], ...] = ((3, 3), (1, 3), (3, 1))
 #: The per-head grouped convolution under its former name (``benchmarks/_common.py`` imports it).
 _HeadwiseConv2d = HeadwiseConv2d
 
-
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
@@ -72,13 +69,6 @@ def _reparameterize_in_place(module: ModuleT) -> ModuleT:
     from dan_layers.deploy import reparameterize_model  # deploy imports this module's classes
 
     return reparameterize_model(module, inplace=True)
-
-
-def _check_spatial_input(unit: SpatialAttention, x: torch.Tensor) -> None:
-    """The checks of a spatial unit's input (and so of a block's)."""
-    check_feature_map(x, unit.in_channels, cast(torch.Tensor, unit.conv1x1[0].weight))
-    if has_training_batchnorm(unit):
-        check_batchnorm_batch(x.shape[0], True, "SpatialAttention", x.shape[2] * x.shape[3])
 
 
 class SpatialAttention(NotScriptable, nn.Module):
@@ -194,7 +184,8 @@ class SpatialAttention(NotScriptable, nn.Module):
             Maps $(B, K, H, W)$.
         """
         if self.validate and not is_proxy(x):
-            _check_spatial_input(self, x)
+            weight = cast(torch.Tensor, self.conv1x1[0].weight)
+            check_feature_map(x, self.in_channels, weight, has_training_batchnorm(self))
         y = self.conv1x1(x)
         z = getattr(self, self.branch_names[0])(y)
         for name in self.branch_names[1:]:
@@ -215,15 +206,14 @@ class SpatialAttention(NotScriptable, nn.Module):
         return (out, maps) if static_flag("return_attention", return_attention) else out
 
     def reparameterize(self) -> Self:
-        """Fold the norms and merge the parallel branches into one convolution (eval only).
+        """Fold the norms and merge the parallel branches into one convolution, in place (eval only).
 
         The 1x1 convolution absorbs its BatchNorm; every branch absorbs its
         BatchNorm, is zero-padded to the largest kernel and all are summed into one
-        grouped convolution ``conv_fused`` (all are linear before the ReLU). The
-        output is unchanged up to float rounding. Idempotent. Any BatchNorm with
-        running statistics folds (``SyncBatchNorm`` included: in eval it is a
-        per-channel affine map); ``Identity`` needs no folding; any other module in
-        a slot is refused before anything is changed. This is
+        grouped convolution ``conv_fused`` (all are linear before the ReLU): the same
+        output up to float rounding. Idempotent. Any BatchNorm with running statistics
+        folds (``SyncBatchNorm`` included), ``Identity`` needs none; any other module
+        in a slot is refused before anything changes. This is
         [`reparameterize_model`][dan_layers.reparameterize_model]`(self, inplace=True)`.
 
         Returns:
@@ -330,14 +320,7 @@ class ChannelAttention(NotScriptable, nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Gate the pooled channels; optionally also return the gate."""
         if self.validate and not is_proxy(x):
-            if self.num_heads == 1:
-                check_ndim(x, "x", (2, 3, 4), "(B, C), (B, 1, C) or (B, C, H, W)")
-            else:
-                check_ndim(x, "x", (3,), f"(B, K={self.num_heads}, C)")
-            if x.ndim == 3:
-                check_size(x, 1, self.num_heads, "x", "num_heads")
-            check_size(x, x.ndim - 1 if x.ndim == 3 else 1, self.in_channels, "x", "in_channels")
-            check_same_device(x=x, weights=next(self.parameters()))
+            check_pooled_input(x, self.num_heads, self.in_channels, next(self.parameters()))
             if has_training_batchnorm(self):
                 check_batchnorm_batch(x.shape[0], True, "ChannelAttention (BatchNorm1d)")
         pooled = as_heads(x)
@@ -348,10 +331,10 @@ class ChannelAttention(NotScriptable, nn.Module):
         return out
 
     def reparameterize(self) -> Self:
-        """Fold the BatchNorm1d into the first linear layer (eval only). Idempotent.
+        """Fold the BatchNorm1d into the first linear layer, in place (eval only). Idempotent.
 
-        Any BatchNorm with running statistics folds (``SyncBatchNorm`` included);
-        any other norm in ``attention[1]`` is refused before anything changes. This is
+        Any BatchNorm with running statistics folds (``SyncBatchNorm`` included); any
+        other norm in ``attention[1]`` is refused before anything changes. This is
         [`reparameterize_model`][dan_layers.reparameterize_model]`(self, inplace=True)`.
 
         Returns:
@@ -388,10 +371,9 @@ class MultiHeadAttentionBlock(NotScriptable, nn.Module):
     [`split_heads`][dan_layers.MultiHeadAttentionBlock.split_heads] convert between
     the two layouts.
 
-    For deployment, [`reparameterize`][dan_layers.MultiHeadAttentionBlock.reparameterize]
-    (eval mode) folds every BatchNorm and
-    merges the 3x3, 1x3 and 3x1 branches into one 3x3 convolution per head,
-    removing 40% of the branches' multiply-accumulates with the same output.
+    For deployment, [`reparameterize_model`][dan_layers.reparameterize_model] (eval mode)
+    folds every BatchNorm and merges the 3x3, 1x3 and 3x1 branches into one 3x3
+    convolution per head: 40% fewer multiply-accumulates in the branches, same output.
 
     Hooks: ``forward`` calls ``spatial`` and ``channel`` as modules. A forward
     hook on ``block.spatial`` receives every head's spatially attended features
@@ -458,7 +440,8 @@ class MultiHeadAttentionBlock(NotScriptable, nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Compute every head's feature vector; optionally also the spatial maps."""
         if self.validate and not is_proxy(x):
-            _check_spatial_input(self.spatial, x)
+            weight = cast(torch.Tensor, self.spatial.conv1x1[0].weight)
+            check_feature_map(x, self.in_channels, weight, has_training_batchnorm(self.spatial))
             if has_training_batchnorm(self.channel):
                 check_batchnorm_batch(x.shape[0], True, "MultiHeadAttentionBlock (BatchNorm1d)")
         maps: torch.Tensor | None = None
