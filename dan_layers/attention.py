@@ -23,8 +23,6 @@ passed through a sigmoid (it is an unnormalised sum over channels of a ReLU
 output), and the convolutions have biases.
 """
 
-from __future__ import annotations
-
 import operator
 from collections.abc import Sequence
 from typing import Any, TypeVar, cast

@@ -4,8 +4,6 @@ Paper: "Distract Your Attention: Multi-head Cross Attention Network for Facial
 Expression Recognition", Sec. 3.3, Eq. 5, Fig. 2 (https://arxiv.org/abs/2109.07270).
 """
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 

@@ -10,8 +10,6 @@ MobileFaceNet, IR-50, a ViT's tokens reshaped to a grid) and train it with
 [`DANLoss`][dan_layers.DANLoss].
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple, overload
 

@@ -9,8 +9,6 @@ call ``dan_layers.functional``. ``AffinityLoss.centers`` and
 move the loss to the model's device.
 """
 
-from __future__ import annotations
-
 import contextlib
 from typing import Literal, NamedTuple
 

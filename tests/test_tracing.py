@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import warnings
 
 import pytest
@@ -115,6 +117,19 @@ class TestSymbolicTrace:
         traced = fx.symbolic_trace(module, concrete_args=concrete)
         assert isinstance(traced, fx.GraphModule)
         assert_graph_equals_eager(module, traced, inputs)
+
+    @pytest.mark.parametrize("name,make,make_inputs,concrete", CASES, ids=[c[0] for c in CASES])
+    def test_traced_module_saves_copies_and_traces_again(self, name, make, make_inputs, concrete):
+        # torch.save of a GraphModule writes its code's imports: no string annotations may reach them
+        module = randomize(make(), seed=5).eval()
+        inputs = make_inputs()
+        traced = fx.symbolic_trace(module, concrete_args=concrete)
+        buffer = io.BytesIO()
+        torch.save(traced, buffer)
+        buffer.seek(0)
+        expected = _tensors(module(*inputs))
+        for again in (torch.load(buffer, weights_only=False), copy.deepcopy(traced), fx.symbolic_trace(traced)):
+            assert_same(_tensors(again(*inputs)), expected)
 
     @pytest.mark.parametrize("name,make,make_inputs,concrete", FLAGGED, ids=[c[0] for c in FLAGGED])
     def test_return_attention_goes_in_concrete_args(self, name, make, make_inputs, concrete):
