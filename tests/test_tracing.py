@@ -159,6 +159,18 @@ class TestSymbolicTrace:
         with pytest.raises(ValueError, match=r"labels: expected values in \[0, 5\), got label 7"):
             traced(torch.randn(2, 8), torch.tensor([0, 7]))
 
+    def test_traced_dan_loss_under_autocast_equals_eager(self):
+        # eager DANLoss switches autocast off around its terms; a graph cannot record that, and need
+        # not: none of its operations is one autocast runs in lower precision
+        criterion = DANLoss(num_classes=7, feat_dim=32)
+        traced = fx.symbolic_trace(criterion)
+        args = (torch.randn(6, 7), torch.randn(6, 32, 5, 6), torch.randn(6, 4, 32), labels(6, 7))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            eager, graph = criterion(*args), traced(*args)
+        for a, b in zip(graph, eager, strict=True):
+            assert a.dtype == b.dtype == torch.float32
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
     def test_user_code_calling_the_functional_form_traces(self):
         import dan_layers.functional as DF
         from dan_layers.functional import partition_loss  # imported by name: not patched by torch.fx.wrap
