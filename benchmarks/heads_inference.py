@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
             "cl_vs_reparam": t["reparam"]["median_s"] / t["reparam_cl"]["median_s"],
             "grouped_vs_reparam": t["reparam_grouped"]["median_s"] / t["reparam"]["median_s"],
             "cpu_reparam_speedup": t["train_form"]["cpu_median_s"] / t["reparam"]["cpu_median_s"],
+            "cpu_reparam_vs_loop": t["loop"]["cpu_median_s"] / t["reparam"]["cpu_median_s"],
             "mac_ratio": macs_train / macs_rep,
             "macs_train_form": macs_train,
             "macs_reparam": macs_rep,
@@ -169,8 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
         "all_equal_within_tol": all(r["equal_within_tol"] for r in rows),
     }
     C.print_table(rows, ["heads", "batch", "loop_ms", "train_form_ms", "reparam_ms", "reparam_speedup",
-                         "cpu_reparam_speedup", "reparam_vs_loop", "mac_ratio", "cl_vs_reparam",
-                         "grouped_vs_reparam"], title=f"{NAME} summary")
+                         "cpu_reparam_speedup", "reparam_vs_loop", "cpu_reparam_vs_loop", "mac_ratio",
+                         "cl_vs_reparam", "grouped_vs_reparam"], title=f"{NAME} summary")
     if profile:
         for name, ops in profile.items():
             C.print_table([{"op": o["op"], "share": o["share"], "ms/call": o["ms_per_call"],
