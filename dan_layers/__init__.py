@@ -3,18 +3,18 @@
 Losses: ``AffinityLoss``, ``CenterLoss``, ``PartitionLoss``, and DAN's whole objective
 ``DANLoss``. Attention: ``SpatialAttention``, ``ChannelAttention``,
 ``MultiHeadAttentionBlock``. Fusion: ``AttentionFusion``. DAN on any backbone:
-``DANHead``. Deployment: ``reparameterize_model``. Parameter-free maths:
+``DANHead``. Deployment: ``reparameterize_model``, ``can_reparameterize``. Parameter-free maths:
 ``dan_layers.functional``.
 """
 
 from dan_layers import functional
 from dan_layers.attention import ChannelAttention, MultiHeadAttentionBlock, SpatialAttention
-from dan_layers.deploy import reparameterize_model
+from dan_layers.deploy import can_reparameterize, reparameterize_model
 from dan_layers.fusion import AttentionFusion
 from dan_layers.head import DANHead, DANHeadOutput
 from dan_layers.losses import AffinityLoss, CenterLoss, DANLoss, DANLossOutput, PartitionLoss
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AffinityLoss",
@@ -29,6 +29,7 @@ __all__ = [
     "PartitionLoss",
     "SpatialAttention",
     "__version__",
+    "can_reparameterize",
     "functional",
     "reparameterize_model",
 ]

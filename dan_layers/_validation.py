@@ -11,9 +11,13 @@ graph whole and fails with ``RuntimeError`` instead.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__: list[str] = []  # private module
 
@@ -98,3 +102,92 @@ def check_positive(name: str, value: int) -> None:
     """Raise if an integer hyperparameter is not positive."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+
+def has_training_batchnorm(module: nn.Module) -> bool:
+    """Whether a BatchNorm inside ``module`` normalises with batch statistics (train mode)."""
+    return any(
+        isinstance(m, _BatchNorm) and (m.training or not m.track_running_stats) for m in module.modules()
+    )
+
+
+def check_feature_map(
+    x: torch.Tensor, in_channels: int, weight: torch.Tensor, batchnorm_training: bool
+) -> None:
+    """Check a spatial unit's input ``(B, in_channels, H, W)``, on the device of ``weight``.
+
+    With ``batchnorm_training``, also more than one value per channel for its BatchNorms.
+    """
+    check_ndim(x, "x", (4,), "(B, C, H, W)")
+    check_size(x, 1, in_channels, "x", "in_channels")
+    check_same_device(x=x, weights=weight)
+    if batchnorm_training:
+        check_batchnorm_batch(x.shape[0], True, "SpatialAttention", x.shape[2] * x.shape[3])
+
+
+def check_pooled_input(x: torch.Tensor, num_heads: int, in_channels: int, weight: torch.Tensor) -> None:
+    """Check a channel unit's input, on the device of ``weight``.
+
+    ``(B, C)``, ``(B, 1, C)`` or ``(B, C, H, W)`` for one head, ``(B, K, C)`` for any number.
+    """
+    if num_heads == 1:
+        check_ndim(x, "x", (2, 3, 4), "(B, C), (B, 1, C) or (B, C, H, W)")
+    else:
+        check_ndim(x, "x", (3,), f"(B, K={num_heads}, C)")
+    if x.ndim == 3:
+        check_size(x, 1, num_heads, "x", "num_heads")
+    check_size(x, x.ndim - 1 if x.ndim == 3 else 1, in_channels, "x", "in_channels")
+    check_same_device(x=x, weights=weight)
+
+
+def reduced_width(in_channels: int, reduction: int, name: str) -> int:
+    """``in_channels // reduction``, checked: both positive ints and the result at least 1."""
+    check_positive("in_channels", in_channels)
+    check_positive(name, reduction)
+    width = in_channels // reduction
+    if width < 1:
+        raise ValueError(
+            f"{name}: expected at most in_channels ({in_channels}) so that the reduced width "
+            f"is at least 1, got {reduction}"
+        )
+    return width
+
+
+_KERNEL_SIZES_EXPECTED = "a sequence of (height, width) pairs of odd positive ints, e.g. ((3, 3), (1, 3))"
+
+
+def _as_int(value: object) -> int:
+    """``value`` as an int if it is an integer (not a bool, not a float); else ``ValueError``."""
+    if isinstance(value, bool):
+        raise ValueError
+    try:
+        return operator.index(cast(Any, value))
+    except TypeError:
+        raise ValueError from None
+
+
+def check_kernel_sizes(kernel_sizes: object) -> tuple[tuple[int, int], ...]:
+    """``kernel_sizes`` as a tuple of ``(kh, kw)`` int pairs, odd, positive and distinct."""
+    if isinstance(kernel_sizes, (str, bytes)) or not isinstance(kernel_sizes, Iterable):
+        raise ValueError(f"kernel_sizes: expected {_KERNEL_SIZES_EXPECTED}, got {kernel_sizes!r}")
+    given = tuple(kernel_sizes)
+    sizes = []
+    for size in given:
+        pair = () if isinstance(size, (str, bytes)) or not isinstance(size, Iterable) else tuple(size)
+        if len(pair) != 2:
+            raise ValueError(
+                f"kernel_sizes: expected {_KERNEL_SIZES_EXPECTED}, got {given!r} "
+                f"(element {size!r} is not a (height, width) pair)"
+            )
+        try:
+            sizes.append((_as_int(pair[0]), _as_int(pair[1])))
+        except ValueError:
+            raise ValueError(f"kernel_sizes: expected integer sizes, got {pair!r} in {given!r}") from None
+    result = tuple(sizes)
+    if not result:
+        raise ValueError("kernel_sizes: expected at least one kernel size, got none")
+    if any(k < 1 or k % 2 == 0 for size in result for k in size):
+        raise ValueError(f"kernel_sizes: expected odd positive sizes, got {result}")
+    if len(set(result)) != len(result):
+        raise ValueError(f"kernel_sizes: expected distinct sizes, got {result}")
+    return result

@@ -3,54 +3,52 @@ r"""DAN's multi-head cross attention network (MAN): spatial and channel attentio
 Paper: "Distract Your Attention: Multi-head Cross Attention Network for Facial
 Expression Recognition", Sec. 3.2, Eq. 3-4, Fig. 4 (https://arxiv.org/abs/2109.07270).
 
-Every module here takes ``num_heads`` and holds all heads in one set of tensors:
-the first 1x1 convolution is one wide convolution, the 3x3 / 1x3 / 3x1 branches
-are grouped convolutions (one group per head), and the channel attention's
-linear layers are batched per head. Parameters are stacked head after head
-along the output dimension, so that with ``num_heads=1`` the state-dict keys and
-shapes are exactly those of the authors' per-head modules (``conv1x1.0``,
-``conv_3x3.1``, ``attention.3`` ...).
+The three units. Each takes ``num_heads`` and holds all heads in one set of
+tensors (``dan_layers._headwise``), stacked head after head, so that with
+``num_heads=1`` the state-dict keys and shapes are the authors' (``conv1x1.0``,
+``conv_3x3.1``, ``attention.3`` ...). Folding for deployment is in
+``dan_layers.deploy``, input checks in ``dan_layers._validation``.
 
 One semantics: every unit runs its submodules as modules, on every device, in
-eager mode and under ``torch.compile`` / ``torch.export``, whatever hooks are
-set. So a module swapped into a slot (``SyncBatchNorm``, ``GroupNorm``, a norm
-of your own) is computed as itself, and forward/backward hooks on any unit or
-submodule fire once per call with the same shapes everywhere. The only
-device-specific code is inside the grouped convolutions (``_HeadwiseConv2d``):
-on CPU each group runs as its own dense convolution, because oneDNN trains
-those faster than one grouped convolution; the result is the grouped
-convolution's. Nothing depends on the batch size or the memory format, so a
-traced graph has no shape guards of ours: the output keeps the input's memory
-format (pass channels-last input to compute channels-last).
+eager mode, under ``torch.compile`` / ``torch.export`` and in a ``torch.fx``
+graph, whatever hooks are set. A module swapped into a slot (``SyncBatchNorm``,
+``GroupNorm``, a norm of your own) is computed as itself, and hooks fire once
+per call with the same shapes everywhere. The only device-specific code is in
+the grouped convolutions: on CPU each group runs as its own dense convolution
+(oneDNN trains those faster), with the grouped convolution's result. Nothing
+depends on the batch size or the memory format.
 
 Departures from the paper, as in the authors' code: the spatial map is not
 passed through a sigmoid (it is an unnormalised sum over channels of a ReLU
 output), and the convolutions have biases.
-
-Axis legend: ``b`` batch, ``k`` heads, ``c`` channels, ``r`` reduced channels,
-``h w`` spatial size.
 """
 
-from __future__ import annotations
-
 import operator
-from collections.abc import Iterable, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any, TypeVar, cast
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import Self
 
-from dan_layers import functional as DF
+from dan_layers._headwise import (
+    FUSED_BRANCH,
+    HeadwiseConv2d,
+    HeadwiseLinear,
+    as_heads,
+    like_input,
+    merge_heads_into,
+    split_heads_from,
+)
+from dan_layers._tracing import NotScriptable, call_as, is_proxy, static_flag
 from dan_layers._validation import (
     check_batchnorm_batch,
-    check_ndim,
+    check_feature_map,
+    check_kernel_sizes,
+    check_pooled_input,
     check_positive,
-    check_same_device,
-    check_size,
+    has_training_batchnorm,
+    reduced_width,
 )
 
 __all__ = ["DAN_KERNEL_SIZES", "ChannelAttention", "MultiHeadAttentionBlock", "SpatialAttention"]
@@ -58,194 +56,20 @@ __all__ = ["DAN_KERNEL_SIZES", "ChannelAttention", "MultiHeadAttentionBlock", "S
 #: The kernel sizes of DAN's parallel spatial-attention branches.
 DAN_KERNEL_SIZES: tuple[tuple[int, int], ...] = ((3, 3), (1, 3), (3, 1))
 
-_FUSED_BRANCH = "conv_fused"
+#: The per-head grouped convolution under its former name (``benchmarks/_common.py`` imports it).
+_HeadwiseConv2d = HeadwiseConv2d
 
-_KERNEL_SIZES_EXPECTED = "a sequence of (height, width) pairs of odd positive ints, e.g. ((3, 3), (1, 3))"
-
-
-def _reduced_width(in_channels: int, reduction: int, name: str) -> int:
-    check_positive("in_channels", in_channels)
-    check_positive(name, reduction)
-    width = in_channels // reduction
-    if width < 1:
-        raise ValueError(
-            f"{name}: expected at most in_channels ({in_channels}) so that the reduced width "
-            f"is at least 1, got {reduction}"
-        )
-    return width
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
-def _as_int(value: object) -> int:
-    """``value`` as an int if it is an integer (not a bool, not a float); else ``ValueError``."""
-    if isinstance(value, bool):
-        raise ValueError
-    try:
-        return operator.index(cast(Any, value))
-    except TypeError:
-        raise ValueError from None
+def _reparameterize_in_place(module: ModuleT) -> ModuleT:
+    """What the units' ``reparameterize()`` does: ``reparameterize_model(module, inplace=True)``."""
+    from dan_layers.deploy import reparameterize_model  # deploy imports this module's classes
+
+    return reparameterize_model(module, inplace=True)
 
 
-def _check_kernel_sizes(kernel_sizes: object) -> tuple[tuple[int, int], ...]:
-    """``kernel_sizes`` as a tuple of ``(kh, kw)`` int pairs, odd, positive and distinct."""
-    if isinstance(kernel_sizes, (str, bytes)) or not isinstance(kernel_sizes, Iterable):
-        raise ValueError(f"kernel_sizes: expected {_KERNEL_SIZES_EXPECTED}, got {kernel_sizes!r}")
-    given = tuple(kernel_sizes)
-    sizes = []
-    for size in given:
-        pair = () if isinstance(size, (str, bytes)) or not isinstance(size, Iterable) else tuple(size)
-        if len(pair) != 2:
-            raise ValueError(
-                f"kernel_sizes: expected {_KERNEL_SIZES_EXPECTED}, got {given!r} "
-                f"(element {size!r} is not a (height, width) pair)"
-            )
-        try:
-            sizes.append((_as_int(pair[0]), _as_int(pair[1])))
-        except ValueError:
-            raise ValueError(f"kernel_sizes: expected integer sizes, got {pair!r} in {given!r}") from None
-    result = tuple(sizes)
-    if not result:
-        raise ValueError("kernel_sizes: expected at least one kernel size, got none")
-    if any(k < 1 or k % 2 == 0 for size in result for k in size):
-        raise ValueError(f"kernel_sizes: expected odd positive sizes, got {result}")
-    if len(set(result)) != len(result):
-        raise ValueError(f"kernel_sizes: expected distinct sizes, got {result}")
-    return result
-
-
-def _has_training_batchnorm(module: nn.Module) -> bool:
-    """Whether a BatchNorm inside ``module`` normalises with batch statistics (train mode)."""
-    return any(
-        isinstance(m, _BatchNorm) and (m.training or not m.track_running_stats) for m in module.modules()
-    )
-
-
-def _is_foldable_norm(norm: nn.Module) -> bool:
-    """An eval-mode affine map: a BatchNorm (any subclass: SyncBatchNorm) with running stats, or Identity."""
-    if isinstance(norm, nn.Identity):
-        return True
-    return isinstance(norm, _BatchNorm) and norm.running_mean is not None and norm.running_var is not None
-
-
-def _check_foldable(
-    owner: str, slot: str, layer: nn.Module, norm: nn.Module, layer_types: tuple[type, ...]
-) -> None:
-    """Raise ``ValueError`` naming ``slot`` unless ``layer`` + ``norm`` fold into one affine layer."""
-    if not isinstance(layer, layer_types):
-        names = " or ".join(t.__name__ for t in layer_types)
-        raise ValueError(
-            f"{owner}.reparameterize: expected {slot}[0] to be a {names}, got {type(layer).__name__}"
-        )
-    if not _is_foldable_norm(norm):
-        raise ValueError(
-            f"{owner}.reparameterize: cannot fold {slot}[1] ({type(norm).__name__}) into the layer before "
-            "it; expected a BatchNorm with running statistics (BatchNorm, SyncBatchNorm) or Identity"
-        )
-
-
-def _folded(layer: nn.Module, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of ``layer`` (conv or linear) with the eval-mode ``norm`` folded in."""
-    weight = cast(torch.Tensor, layer.weight)
-    bias = cast("torch.Tensor | None", layer.bias)
-    if isinstance(norm, nn.Identity):
-        if bias is None:
-            bias = torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype)
-        return weight, bias
-    bn = cast(_BatchNorm, norm)
-    return DF.fuse_conv_bn(
-        weight,
-        bias,
-        cast(torch.Tensor, bn.running_mean),
-        cast(torch.Tensor, bn.running_var),
-        bn.weight,
-        bn.bias,
-        bn.eps,
-    )
-
-
-def _fold_in_place(layer: nn.Module, norm: nn.Module) -> None:
-    """Overwrite ``layer``'s weight and bias with ``norm`` folded in (a bias is added if it has none)."""
-    weight, bias = _folded(layer, norm)
-    if layer.bias is None:
-        layer.bias = nn.Parameter(bias.clone())
-    cast(torch.Tensor, layer.weight).copy_(weight)
-    cast(torch.Tensor, layer.bias).copy_(bias)
-
-
-def _require_eval(module: nn.Module) -> None:
-    if module.training:
-        raise RuntimeError(
-            f"{type(module).__name__}.reparameterize() folds BatchNorm running statistics and "
-            "is only valid in eval mode: call .eval() first"
-        )
-
-
-class _HeadwiseConv2d(nn.Conv2d):
-    """A grouped ``nn.Conv2d`` (one group per head) that on CPU runs each group as a dense convolution.
-
-    Same parameters, output and gradients as the grouped convolution: the
-    weight, bias and input are split once per call (one ``split`` each, whose
-    backward is one concatenation) and the groups' outputs concatenated. oneDNN
-    trains dense convolutions about 20% faster than grouped ones on CPU
-    (``benchmarks/heads_train.py``); on other devices the grouped convolution
-    runs as it is. It is a ``Conv2d`` to hooks, FLOP counters and
-    ``isinstance`` checks.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        groups = self.groups
-        if groups == 1 or x.device.type != "cpu" or self.padding_mode != "zeros":
-            return super().forward(x)
-        padding: Any = self.padding  # a tuple or a string; F.conv2d's stub lists only the tuple
-        biases: Sequence[torch.Tensor | None] = [None] * groups
-        if self.bias is not None:
-            biases = self.bias.chunk(groups)
-        parts, weights = x.chunk(groups, dim=1), self.weight.chunk(groups)
-        outputs = [
-            F.conv2d(part, weight, bias, self.stride, padding, self.dilation, 1)
-            for part, weight, bias in zip(parts, weights, biases, strict=True)
-        ]
-        return torch.cat(outputs, dim=1)
-
-
-class _HeadwiseLinear(nn.Module):
-    """``num_heads`` independent linear layers on head-major flattened features ``(B, K * in)``.
-
-    ``weight`` is ``(K * out, in)`` and ``bias`` ``(K * out,)``, head after head, so
-    that with one head the layout (and the computation) is that of ``torch.nn.Linear``.
-    Input and output keep the heads flattened into the feature dimension, so the
-    BatchNorm1d that follows normalises ``K * out`` channels as a plain (or
-    synchronised) BatchNorm1d does.
-    """
-
-    def __init__(
-        self,
-        num_heads: int,
-        in_features: int,
-        out_features: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.in_features = in_features
-        self.out_features = out_features
-        fk: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(num_heads * out_features, in_features, **fk))
-        self.bias = nn.Parameter(torch.empty(num_heads * out_features, **fk))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if self.num_heads == 1:
-            return F.linear(x, self.weight, self.bias)
-        k = self.num_heads
-        weight = rearrange(self.weight, "(k o) i -> k o i", k=k)
-        out = torch.einsum("bki,koi->bko", rearrange(x, "b (k i) -> b k i", k=k), weight)
-        return rearrange(out, "b k o -> b (k o)") + self.bias
-
-    def extra_repr(self) -> str:  # noqa: D102
-        return f"num_heads={self.num_heads}, in_features={self.in_features}, out_features={self.out_features}"
-
-
-class SpatialAttention(nn.Module):
+class SpatialAttention(NotScriptable, nn.Module):
     r"""Spatial attention unit of DAN (paper Eq. 3, Fig. 4 left), for one or several heads.
 
     A 1x1 convolution $C \to C/r$ with BatchNorm, then parallel convolutions
@@ -301,9 +125,9 @@ class SpatialAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        hidden = _reduced_width(in_channels, reduction, "reduction")
+        hidden = reduced_width(in_channels, reduction, "reduction")
         check_positive("num_heads", num_heads)
-        kernel_sizes = _check_kernel_sizes(kernel_sizes)
+        kernel_sizes = check_kernel_sizes(kernel_sizes)
         self.in_channels = in_channels
         self.num_heads = num_heads
         self.reduction = reduction
@@ -318,7 +142,7 @@ class SpatialAttention(nn.Module):
         names = []
         for kh, kw in kernel_sizes:
             name = f"conv_{kh}x{kw}"
-            conv = _HeadwiseConv2d(
+            conv = HeadwiseConv2d(
                 k * hidden, k * in_channels, (kh, kw), padding=(kh // 2, kw // 2), groups=k, **fk
             )
             self.add_module(name, nn.Sequential(conv, nn.BatchNorm2d(k * in_channels, **fk)))
@@ -330,7 +154,7 @@ class SpatialAttention(nn.Module):
     @property
     def is_reparameterized(self) -> bool:
         """Whether [`reparameterize`][dan_layers.SpatialAttention.reparameterize] has merged the branches."""
-        return self.branch_names == (_FUSED_BRANCH,)
+        return self.branch_names == (FUSED_BRANCH,)
 
     def reset_parameters(self) -> None:
         """Re-initialise as the authors: Kaiming normal (fan out) per head, zero biases, BN 1/0."""
@@ -345,13 +169,6 @@ class SpatialAttention(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_ndim(x, "x", (4,), "(B, C, H, W)")
-        check_size(x, 1, self.in_channels, "x", "in_channels")
-        check_same_device(x=x, weights=cast(torch.Tensor, self.conv1x1[0].weight))
-        if _has_training_batchnorm(self):
-            check_batchnorm_batch(x.shape[0], True, "SpatialAttention", x.shape[2] * x.shape[3])
-
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """The spatial attention map of every head, before it scales the input.
 
@@ -364,14 +181,16 @@ class SpatialAttention(nn.Module):
         Returns:
             Maps $(B, K, H, W)$.
         """
-        if self.validate:
-            self._check_input(x)
+        if self.validate and not is_proxy(x):
+            weight = cast(torch.Tensor, self.conv1x1[0].weight)
+            check_feature_map(x, self.in_channels, weight, has_training_batchnorm(self))
         y = self.conv1x1(x)
         z = getattr(self, self.branch_names[0])(y)
         for name in self.branch_names[1:]:
             z = z + getattr(self, name)(y)
         z = self.relu(z)
-        return rearrange(z, "b (k c) h w -> b k c h w", k=self.num_heads).sum(dim=2)
+        per_head = z.unflatten(1, (self.num_heads, -1))  # b (k c) h w -> b k c h w
+        return call_as(self, "maps", torch.sum, per_head, 2)
 
     def forward(
         self, x: torch.Tensor, return_attention: bool = False
@@ -379,55 +198,21 @@ class SpatialAttention(nn.Module):
         """Scale ``x`` by each head's spatial map; optionally also return the maps."""
         maps = self.attention_map(x)
         if self.num_heads == 1:
-            out = x * maps
+            out = call_as(self, "attended", operator.mul, x, maps)
         else:
-            out = x.unsqueeze(1) * maps.unsqueeze(2)
-        return (out, maps) if return_attention else out
+            out = call_as(self, "attended", operator.mul, x.unsqueeze(1), maps.unsqueeze(2))
+        return (out, maps) if static_flag("return_attention", return_attention) else out
 
-    def _check_reparameterizable(self) -> None:
-        """Raise ``ValueError`` naming the first slot that cannot be folded (before anything changes)."""
-        _require_eval(self)
-        if self.is_reparameterized:
-            return
-        for name in ("conv1x1", *self.branch_names):
-            slot = getattr(self, name)
-            if not isinstance(slot, nn.Sequential) or len(slot) != 2:
-                raise ValueError(
-                    f"SpatialAttention.reparameterize: expected {name} to be Sequential(Conv2d, norm), "
-                    f"got {type(slot).__name__}"
-                )
-            _check_foldable("SpatialAttention", name, slot[0], slot[1], (nn.Conv2d,))
-            conv = cast(nn.Conv2d, slot[0])
-            expected_padding = (conv.kernel_size[0] // 2, conv.kernel_size[1] // 2)
-            if (
-                conv.stride != (1, 1)
-                or conv.dilation != (1, 1)
-                or conv.padding != expected_padding
-                or conv.padding_mode != "zeros"
-            ):
-                raise ValueError(
-                    f"SpatialAttention.reparameterize: expected {name}[0] with stride 1, dilation 1 and "
-                    f"zero 'same' padding {expected_padding}, got stride {conv.stride}, dilation "
-                    f"{conv.dilation}, padding {conv.padding} ({conv.padding_mode})"
-                )
-            expected_groups = 1 if name == "conv1x1" else self.num_heads
-            if conv.groups != expected_groups:
-                raise ValueError(
-                    f"SpatialAttention.reparameterize: expected {name}[0] with groups={expected_groups}, "
-                    f"got groups={conv.groups}"
-                )
-
-    @torch.no_grad()
     def reparameterize(self) -> Self:
-        """Fold the norms and merge the parallel branches into one convolution (eval only).
+        """Fold the norms and merge the parallel branches into one convolution, in place (eval only).
 
         The 1x1 convolution absorbs its BatchNorm; every branch absorbs its
         BatchNorm, is zero-padded to the largest kernel and all are summed into one
-        grouped convolution ``conv_fused`` (all are linear before the ReLU). The
-        output is unchanged up to float rounding. Idempotent. Any BatchNorm with
-        running statistics folds (``SyncBatchNorm`` included: in eval it is a
-        per-channel affine map); ``Identity`` needs no folding; any other module in
-        a slot is refused before anything is changed.
+        grouped convolution ``conv_fused`` (all are linear before the ReLU): the same
+        output up to float rounding. Idempotent. Any BatchNorm with running statistics
+        folds (``SyncBatchNorm`` included), ``Identity`` needs none; any other module
+        in a slot is refused before anything changes. This is
+        [`reparameterize_model`][dan_layers.reparameterize_model]`(self, inplace=True)`.
 
         Returns:
             ``self``, modified in place.
@@ -436,36 +221,7 @@ class SpatialAttention(nn.Module):
             RuntimeError: in train mode (the running statistics would be wrong).
             ValueError: a slot holds a module that cannot be folded (named in the message).
         """
-        self._check_reparameterizable()
-        if self.is_reparameterized:
-            return self
-        if not isinstance(self.conv1x1[1], nn.Identity):
-            _fold_in_place(self.conv1x1[0], self.conv1x1[1])
-            self.conv1x1[1] = nn.Identity()
-        kh = max(size[0] for size in self.kernel_sizes)
-        kw = max(size[1] for size in self.kernel_sizes)
-        first_conv: nn.Conv2d = getattr(self, self.branch_names[0])[0]
-        fused = _HeadwiseConv2d(
-            first_conv.in_channels,
-            first_conv.out_channels,
-            (kh, kw),
-            padding=(kh // 2, kw // 2),
-            groups=self.num_heads,
-            device=first_conv.weight.device,
-            dtype=first_conv.weight.dtype,
-        )
-        fused_bias = cast(torch.Tensor, fused.bias)
-        fused.weight.zero_()
-        fused_bias.zero_()
-        for name in self.branch_names:
-            conv, norm = getattr(self, name)
-            weight, bias = _folded(conv, norm)
-            fused.weight.add_(DF.pad_kernel(weight, (kh, kw)))
-            fused_bias.add_(bias)
-            delattr(self, name)
-        self.add_module(_FUSED_BRANCH, fused)
-        self.branch_names = (_FUSED_BRANCH,)
-        return self
+        return _reparameterize_in_place(self)
 
     def extra_repr(self) -> str:  # noqa: D102
         return (
@@ -474,7 +230,7 @@ class SpatialAttention(nn.Module):
         )
 
 
-class ChannelAttention(nn.Module):
+class ChannelAttention(NotScriptable, nn.Module):
     r"""Channel attention unit of DAN (paper Eq. 4, Fig. 4 right), for one or several heads.
 
     Global average pooling to a vector $p$, then a squeeze-and-excitation gate:
@@ -521,7 +277,7 @@ class ChannelAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        hidden = _reduced_width(in_channels, reduction, "reduction")
+        hidden = reduced_width(in_channels, reduction, "reduction")
         check_positive("num_heads", num_heads)
         self.in_channels = in_channels
         self.num_heads = num_heads
@@ -530,10 +286,10 @@ class ChannelAttention(nn.Module):
         self.validate = validate
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
         self.attention = nn.Sequential(
-            _HeadwiseLinear(num_heads, in_channels, hidden, **fk),
+            HeadwiseLinear(num_heads, in_channels, hidden, **fk),
             nn.BatchNorm1d(num_heads * hidden, **fk),
             nn.ReLU(),
-            _HeadwiseLinear(num_heads, hidden, in_channels, **fk),
+            HeadwiseLinear(num_heads, hidden, in_channels, **fk),
             nn.Sigmoid(),
         )
         self.reset_parameters()
@@ -546,7 +302,7 @@ class ChannelAttention(nn.Module):
     def reset_parameters(self) -> None:
         """Re-initialise as the authors: normal(std=0.001) weights, zero biases, BN 1/0."""
         for module in self.attention:
-            if isinstance(module, _HeadwiseLinear):
+            if isinstance(module, HeadwiseLinear):
                 nn.init.normal_(module.weight, std=0.001)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.BatchNorm1d):
@@ -554,49 +310,30 @@ class ChannelAttention(nn.Module):
 
     def _gate(self, pooled: torch.Tensor) -> torch.Tensor:
         """The sigmoid gate for pooled features ``(B, K, C)``: ``attention`` on the heads flattened."""
-        gate = self.attention(rearrange(pooled, "b k c -> b (k c)"))
-        return rearrange(gate, "b (k c) -> b k c", k=self.num_heads)
+        gate = self.attention(pooled.flatten(1))  # b k c -> b (k c)
+        return call_as(self, "gate", torch.unflatten, gate, 1, (self.num_heads, -1))
 
     def forward(
         self, x: torch.Tensor, return_attention: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Gate the pooled channels; optionally also return the gate."""
-        if self.validate:
-            if self.num_heads == 1:
-                check_ndim(x, "x", (2, 3, 4), "(B, C), (B, 1, C) or (B, C, H, W)")
-            else:
-                check_ndim(x, "x", (3,), f"(B, K={self.num_heads}, C)")
-            if x.ndim == 3:
-                check_size(x, 1, self.num_heads, "x", "num_heads")
-            check_size(x, x.ndim - 1 if x.ndim == 3 else 1, self.in_channels, "x", "in_channels")
-            check_same_device(x=x, weights=self._first_parameter())
-            if _has_training_batchnorm(self):
+        if self.validate and not is_proxy(x):
+            check_pooled_input(x, self.num_heads, self.in_channels, next(self.parameters()))
+            if has_training_batchnorm(self):
                 check_batchnorm_batch(x.shape[0], True, "ChannelAttention (BatchNorm1d)")
-        pooled = x if x.ndim == 3 else DF.pool_features(x).unsqueeze(1)
+        pooled = as_heads(x)
         gate = self._gate(pooled)
-        out = pooled * gate
-        if x.ndim != 3:
-            out, gate = out.squeeze(1), gate.squeeze(1)
-        return (out, gate) if return_attention else out
+        out = call_as(self, "gated", like_input, pooled * gate, x)
+        if static_flag("return_attention", return_attention):
+            return out, like_input(gate, x)
+        return out
 
-    def _first_parameter(self) -> torch.Tensor:
-        return next(self.parameters())
-
-    def _check_reparameterizable(self) -> None:
-        """Raise ``ValueError`` naming the slot that cannot be folded (before anything changes)."""
-        _require_eval(self)
-        if self.is_reparameterized:
-            return
-        _check_foldable(
-            "ChannelAttention", "attention", self.attention[0], self.attention[1], (_HeadwiseLinear, nn.Linear)
-        )
-
-    @torch.no_grad()
     def reparameterize(self) -> Self:
-        """Fold the BatchNorm1d into the first linear layer (eval only). Idempotent.
+        """Fold the BatchNorm1d into the first linear layer, in place (eval only). Idempotent.
 
-        Any BatchNorm with running statistics folds (``SyncBatchNorm`` included);
-        any other norm in ``attention[1]`` is refused before anything changes.
+        Any BatchNorm with running statistics folds (``SyncBatchNorm`` included); any
+        other norm in ``attention[1]`` is refused before anything changes. This is
+        [`reparameterize_model`][dan_layers.reparameterize_model]`(self, inplace=True)`.
 
         Returns:
             ``self``, modified in place.
@@ -605,12 +342,7 @@ class ChannelAttention(nn.Module):
             RuntimeError: in train mode.
             ValueError: ``attention[1]`` cannot be folded (named in the message).
         """
-        self._check_reparameterizable()
-        if self.is_reparameterized:
-            return self
-        _fold_in_place(self.attention[0], self.attention[1])
-        self.attention[1] = nn.Identity()
-        return self
+        return _reparameterize_in_place(self)
 
     def extra_repr(self) -> str:  # noqa: D102
         return (
@@ -619,50 +351,7 @@ class ChannelAttention(nn.Module):
         )
 
 
-def _merge_heads_into(target: nn.Module, sources: Sequence[nn.Module], what: str) -> None:
-    """Load per-head modules' weights into the fused ``target`` (concatenated on dim 0)."""
-    target_state = target.state_dict()
-    merged = {}
-    for i, source in enumerate(sources):
-        if type(source) is not type(target) or getattr(source, "num_heads", None) != 1:
-            raise ValueError(
-                f"{what}[{i}]: expected a one-head {type(target).__name__}, got "
-                f"{type(source).__name__} with num_heads={getattr(source, 'num_heads', None)}"
-            )
-        keys = set(source.state_dict())
-        if keys != set(target_state):
-            raise ValueError(
-                f"{what}[{i}]: expected the keys of the block's {type(target).__name__} "
-                f"(same kernel sizes and reparameterization state), missing "
-                f"{sorted(set(target_state) - keys)}, unexpected {sorted(keys - set(target_state))}"
-            )
-    states = [source.state_dict() for source in sources]
-    for key, value in target_state.items():
-        parts = [state[key] for state in states]
-        if value.ndim == 0:  # num_batches_tracked
-            merged[key] = parts[0]
-            continue
-        merged[key] = torch.cat(parts, dim=0)
-        if merged[key].shape != value.shape:
-            raise ValueError(
-                f"{what}: expected per-head {key} of shape {(value.shape[0] // len(parts), *value.shape[1:])}, "
-                f"got {tuple(parts[0].shape)}"
-            )
-    target.load_state_dict(merged)
-
-
-def _split_heads_from(source: nn.Module, heads: Sequence[nn.Module]) -> None:
-    """Copy the fused ``source``'s weights, chunked on dim 0, into one-head modules."""
-    states: list[dict[str, torch.Tensor]] = [{} for _ in heads]
-    for key, value in source.state_dict().items():
-        chunks = [value] * len(heads) if value.ndim == 0 else value.chunk(len(heads), dim=0)
-        for state, chunk in zip(states, chunks, strict=True):
-            state[key] = chunk
-    for head, state in zip(heads, states, strict=True):
-        head.load_state_dict(state)
-
-
-class MultiHeadAttentionBlock(nn.Module):
+class MultiHeadAttentionBlock(NotScriptable, nn.Module):
     r"""DAN's multi-head cross attention network (MAN): $K$ spatial + channel attention heads.
 
     Every head applies spatial attention to the same feature map and then
@@ -680,10 +369,9 @@ class MultiHeadAttentionBlock(nn.Module):
     [`split_heads`][dan_layers.MultiHeadAttentionBlock.split_heads] convert between
     the two layouts.
 
-    For deployment, [`reparameterize`][dan_layers.MultiHeadAttentionBlock.reparameterize]
-    (eval mode) folds every BatchNorm and
-    merges the 3x3, 1x3 and 3x1 branches into one 3x3 convolution per head,
-    removing 40% of the branches' multiply-accumulates with the same output.
+    For deployment, [`reparameterize_model`][dan_layers.reparameterize_model] (eval mode)
+    folds every BatchNorm and merges the 3x3, 1x3 and 3x1 branches into one 3x3
+    convolution per head: 40% fewer multiply-accumulates in the branches, same output.
 
     Hooks: ``forward`` calls ``spatial`` and ``channel`` as modules. A forward
     hook on ``block.spatial`` receives every head's spatially attended features
@@ -729,28 +417,16 @@ class MultiHeadAttentionBlock(nn.Module):
     ) -> None:
         super().__init__()
         check_positive("num_heads", num_heads)
-        _reduced_width(in_channels, spatial_reduction, "spatial_reduction")
-        _reduced_width(in_channels, channel_reduction, "channel_reduction")
+        reduced_width(in_channels, spatial_reduction, "spatial_reduction")
+        reduced_width(in_channels, channel_reduction, "channel_reduction")
         self.in_channels = in_channels
         self.num_heads = num_heads
         self.validate = validate
+        fk: dict[str, Any] = {"num_heads": num_heads, "validate": False, "device": device, "dtype": dtype}
         self.spatial = SpatialAttention(
-            in_channels,
-            num_heads=num_heads,
-            reduction=spatial_reduction,
-            kernel_sizes=kernel_sizes,
-            validate=False,
-            device=device,
-            dtype=dtype,
+            in_channels, reduction=spatial_reduction, kernel_sizes=kernel_sizes, **fk
         )
-        self.channel = ChannelAttention(
-            in_channels,
-            num_heads=num_heads,
-            reduction=channel_reduction,
-            validate=False,
-            device=device,
-            dtype=dtype,
-        )
+        self.channel = ChannelAttention(in_channels, reduction=channel_reduction, **fk)
 
     @property
     def is_reparameterized(self) -> bool:
@@ -761,12 +437,13 @@ class MultiHeadAttentionBlock(nn.Module):
         self, x: torch.Tensor, return_attention: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Compute every head's feature vector; optionally also the spatial maps."""
-        if self.validate:
-            self.spatial._check_input(x)
-            if _has_training_batchnorm(self.channel):
+        if self.validate and not is_proxy(x):
+            weight = cast(torch.Tensor, self.spatial.conv1x1[0].weight)
+            check_feature_map(x, self.in_channels, weight, has_training_batchnorm(self.spatial))
+            if has_training_batchnorm(self.channel):
                 check_batchnorm_batch(x.shape[0], True, "MultiHeadAttentionBlock (BatchNorm1d)")
         maps: torch.Tensor | None = None
-        if return_attention:
+        if static_flag("return_attention", return_attention):
             attended, maps = self.spatial(x, return_attention=True)
         else:
             attended = self.spatial(x)
@@ -777,7 +454,8 @@ class MultiHeadAttentionBlock(nn.Module):
     def reparameterize(self) -> Self:
         """Fold BatchNorms and merge the spatial branches, in place (eval only). Idempotent.
 
-        Both units are checked before either changes.
+        Both units are checked before either changes. This is
+        [`reparameterize_model`][dan_layers.reparameterize_model]`(self, inplace=True)`.
 
         Returns:
             ``self``.
@@ -786,11 +464,7 @@ class MultiHeadAttentionBlock(nn.Module):
             RuntimeError: in train mode.
             ValueError: a slot holds a module that cannot be folded (named in the message).
         """
-        self.spatial._check_reparameterizable()
-        self.channel._check_reparameterizable()
-        self.spatial.reparameterize()
-        self.channel.reparameterize()
-        return self
+        return _reparameterize_in_place(self)
 
     def load_from_heads(
         self, spatial: Sequence[SpatialAttention], channel: Sequence[ChannelAttention]
@@ -807,13 +481,8 @@ class MultiHeadAttentionBlock(nn.Module):
         Raises:
             ValueError: wrong number of heads, or modules of another configuration.
         """
-        for what, modules in (("spatial", spatial), ("channel", channel)):
-            if len(modules) != self.num_heads:
-                raise ValueError(
-                    f"{what}: expected {self.num_heads} per-head modules, got {len(modules)}"
-                )
-        _merge_heads_into(self.spatial, spatial, "spatial")
-        _merge_heads_into(self.channel, channel, "channel")
+        merge_heads_into(self.spatial, spatial, "spatial")
+        merge_heads_into(self.channel, channel, "channel")
         return self
 
     def split_heads(self) -> tuple[list[SpatialAttention], list[ChannelAttention]]:
@@ -825,32 +494,12 @@ class MultiHeadAttentionBlock(nn.Module):
             ``(spatial_heads, channel_heads)``, two lists of length $K$.
         """
         first = next(self.parameters())
-        device, dtype = first.device, first.dtype
-        spatial = [
-            SpatialAttention(
-                self.in_channels,
-                reduction=self.spatial.reduction,
-                kernel_sizes=self.spatial.kernel_sizes,
-                device=device,
-                dtype=dtype,
-            )
-            for _ in range(self.num_heads)
-        ]
-        channel = [
-            ChannelAttention(
-                self.in_channels,
-                reduction=self.channel.reduction,
-                device=device,
-                dtype=dtype,
-            )
-            for _ in range(self.num_heads)
-        ]
-        for heads, fused in ((spatial, self.spatial), (channel, self.channel)):
-            for head in heads:
-                if fused.is_reparameterized:
-                    head.eval().reparameterize()
-                head.train(fused.training)
-            _split_heads_from(fused, heads)
+        fk: dict[str, Any] = {"device": first.device, "dtype": first.dtype}
+        c, sa, ca = self.in_channels, self.spatial, self.channel
+        spatial = split_heads_from(
+            sa, lambda: SpatialAttention(c, reduction=sa.reduction, kernel_sizes=sa.kernel_sizes, **fk)
+        )
+        channel = split_heads_from(ca, lambda: ChannelAttention(c, reduction=ca.reduction, **fk))
         return spatial, channel
 
     def extra_repr(self) -> str:  # noqa: D102

@@ -11,7 +11,9 @@ Every function here is stateless; the modules in ``dan_layers`` own the
 parameters (class centres, convolution weights) and call these functions.
 The losses compute in at least float32, whatever the input dtype (bf16 and fp16
 inputs under autocast are promoted), and never synchronise with the host when
-``validate=False``.
+``validate=False``. Under ``torch.fx.symbolic_trace`` each function is one
+``call_function`` node (named after it) that runs the function itself, checks
+included, when the graph runs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from dan_layers._tracing import fx_leaf
 from dan_layers._validation import (
     PARTITION_VARIANTS,
     REDUCTIONS,
@@ -71,6 +74,7 @@ def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     return total / max(per_sample.shape[0], 1)
 
 
+@fx_leaf
 def pool_features(features: torch.Tensor) -> torch.Tensor:
     r"""Global-average-pool a feature map to one vector per sample.
 
@@ -113,6 +117,7 @@ def _squared_distance_to_own_center(
     return (x - own).pow(2).sum(dim=1), c
 
 
+@fx_leaf
 def center_loss(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -159,6 +164,7 @@ def center_loss(
     return _reduce(sq_dist, reduction)
 
 
+@fx_leaf
 def affinity_loss(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -242,6 +248,7 @@ def _unit_rms(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(mean_square.clamp_min(torch.finfo(x.dtype).tiny))
 
 
+@fx_leaf
 def partition_loss(
     heads: torch.Tensor,
     *,
@@ -291,7 +298,8 @@ def partition_loss(
 
     Args:
         heads: head features, heads on dim 1; trailing dims are flattened into $L$,
-            so a ViT's per-head tokens $(B, K, T, D)$ work as they are.
+            so a ViT's per-head tokens $(B, K, T, D)$ work as they are, and $(B, K)$
+            is $K$ scalar heads per sample, the same as $(B, K, 1)$.
         variant: ``"paper"`` or ``"official"`` (checked even with ``validate=False``).
         normalize: scale each head to unit RMS over its features first (scale-invariant).
         unbiased: unbiased (K - 1) variance across heads, as the authors.
@@ -303,7 +311,7 @@ def partition_loss(
         The loss, a 0-dim tensor (a batch statistic: there is no per-sample form).
 
     Shape:
-        - heads: $(B, K, *)$ with at least one trailing dim
+        - heads: $(B, K)$ or $(B, K, *)$
         - output: $()$
 
     Example:
@@ -315,10 +323,13 @@ def partition_loss(
         >>> x = torch.randn(8, 4, 64)
         >>> bool(torch.isclose(partition_loss(100 * x, normalize=True), partition_loss(x, normalize=True)))
         True
+        >>> scalars = torch.randn(8, 4)  # four scalar heads per sample
+        >>> bool(partition_loss(scalars) == partition_loss(scalars.unsqueeze(-1)))
+        True
     """
     check_choice("variant", variant, PARTITION_VARIANTS)  # free: checked even with validate=False
     if validate:
-        check_ndim(heads, "heads", range(3, 65), "(B, K, ...) with heads on dim 1")
+        check_ndim(heads, "heads", range(2, 65), "(B, K) or (B, K, ...) with heads on dim 1")
         check_floating(heads, "heads")
         if heads.numel() == 0:
             raise ValueError(f"heads: expected a non-empty tensor, got shape {tuple(heads.shape)}")
@@ -334,6 +345,7 @@ def partition_loss(
     return torch.log1p(num_heads / (var.mean() + eps))
 
 
+@fx_leaf
 def scale_heads(heads: torch.Tensor) -> torch.Tensor:
     r"""DAN's feature scaling of the heads (paper Eq. 5): log-softmax across heads.
 
@@ -359,6 +371,7 @@ def scale_heads(heads: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(heads, dim=1) if heads.shape[1] > 1 else heads
 
 
+@fx_leaf
 def attention_pool(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     r"""Average-pool a feature map weighted by $K$ spatial maps, without forming $K$ copies.
 
@@ -386,6 +399,7 @@ def attention_pool(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bchw,bkhw->bkc", x, maps) / (height * width)
 
 
+@fx_leaf
 def head_overlap(
     maps: torch.Tensor, *, reduction: Literal["mean", "none"] = "mean", validate: bool = True
 ) -> torch.Tensor:
@@ -441,6 +455,7 @@ def head_overlap(
     return per_sample if reduction == "none" else per_sample.mean()
 
 
+@fx_leaf
 def fuse_conv_bn(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -489,6 +504,7 @@ def fuse_conv_bn(
     return fused_weight, fused_bias
 
 
+@fx_leaf
 def pad_kernel(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     r"""Zero-pad a convolution kernel, centred, to a larger odd size.
 

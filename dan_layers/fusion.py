@@ -4,12 +4,11 @@ Paper: "Distract Your Attention: Multi-head Cross Attention Network for Facial
 Expression Recognition", Sec. 3.3, Eq. 5, Fig. 2 (https://arxiv.org/abs/2109.07270).
 """
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 
 from dan_layers import functional as DF
+from dan_layers._tracing import NotScriptable, call_as, is_proxy
 from dan_layers._validation import (
     check_batchnorm_batch,
     check_ndim,
@@ -21,7 +20,7 @@ from dan_layers._validation import (
 __all__ = ["AttentionFusion"]
 
 
-class AttentionFusion(nn.Module):
+class AttentionFusion(NotScriptable, nn.Module):
     r"""Attention fusion of DAN: log-softmax across heads, sum, linear classifier, BatchNorm.
 
     $$\tilde h = \log\operatorname{softmax}_k(h),\qquad
@@ -75,12 +74,12 @@ class AttentionFusion(nn.Module):
 
     def forward(self, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(logits, scaled_heads)``."""
-        if self.validate:
+        if self.validate and not is_proxy(heads):
             check_ndim(heads, "heads", (3,), "(B, K, C)")
             check_size(heads, 2, self.in_channels, "heads", "in_channels")
             check_same_device(heads=heads, weights=self.fc.weight)
             check_batchnorm_batch(heads.shape[0], self.training, "AttentionFusion (BatchNorm1d)")
-        scaled = DF.scale_heads(heads)
+        scaled = call_as(self, "scaled", DF.scale_heads, heads)
         logits = self.bn(self.fc(scaled.sum(dim=1)))
         return logits, scaled
 

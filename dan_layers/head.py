@@ -10,14 +10,13 @@ MobileFaceNet, IR-50, a ViT's tokens reshaped to a grid) and train it with
 [`DANLoss`][dan_layers.DANLoss].
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple, overload
 
 import torch
 from torch import nn
 
+from dan_layers._tracing import NotScriptable, static_flag
 from dan_layers.attention import DAN_KERNEL_SIZES, MultiHeadAttentionBlock
 from dan_layers.fusion import AttentionFusion
 
@@ -37,7 +36,7 @@ class DANHeadOutput(NamedTuple):
     heads: torch.Tensor
 
 
-class DANHead(nn.Module):
+class DANHead(NotScriptable, nn.Module):
     r"""DAN's multi-head cross attention and attention fusion on a backbone's feature map.
 
     $$h = \mathrm{MAN}(x) \in \mathbb{R}^{B \times K \times C},\qquad
@@ -117,13 +116,10 @@ class DANHead(nn.Module):
         self, feature_map: torch.Tensor, return_attention: bool = False
     ) -> DANHeadOutput | tuple[DANHeadOutput, torch.Tensor]:
         """``(logits, heads)``; with ``return_attention=True``, ``((logits, heads), maps)``."""
-        if return_attention:
+        if static_flag("return_attention", return_attention):
             raw, maps = self.attention(feature_map, return_attention=True)
-        else:
-            raw = self.attention(feature_map)
-        logits, heads = self.fusion(raw)
-        out = DANHeadOutput(logits, heads)
-        return (out, maps) if return_attention else out
+            return DANHeadOutput(*self.fusion(raw)), maps
+        return DANHeadOutput(*self.fusion(self.attention(feature_map)))
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"in_channels={self.in_channels}, num_classes={self.num_classes}, num_heads={self.num_heads}"

@@ -9,8 +9,7 @@ call ``dan_layers.functional``. ``AffinityLoss.centers`` and
 move the loss to the model's device.
 """
 
-from __future__ import annotations
-
+import contextlib
 from typing import Literal, NamedTuple
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dan_layers import functional as DF
+from dan_layers._tracing import NotScriptable, is_proxy
 from dan_layers._validation import (
     PARTITION_VARIANTS,
     REDUCTIONS,
@@ -32,7 +32,20 @@ from dan_layers.functional import PARTITION_EPS, PartitionVariant, Reduction
 __all__ = ["AffinityLoss", "CenterLoss", "DANLoss", "DANLossOutput", "PartitionLoss"]
 
 
-class _CenterLossBase(nn.Module):
+def _autocast_off(logits: torch.Tensor) -> contextlib.AbstractContextManager[object]:
+    """Autocast switched off on the device of ``logits``.
+
+    While torch.fx traces (``logits`` is a ``Proxy``, with no device) there is no
+    context to record: none of the losses' operations is one that autocast runs in
+    lower precision, and every term is computed from float32 (or wider) inputs, so
+    the traced graph computes the same values under autocast as without it.
+    """
+    if is_proxy(logits):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=logits.device.type, enabled=False)
+
+
+class _CenterLossBase(NotScriptable, nn.Module):
     """Owns ``centers`` ``(num_centers, feat_dim)``, initialised from a standard normal."""
 
     centers: nn.Parameter
@@ -203,7 +216,7 @@ class CenterLoss(_CenterLossBase):
         )
 
 
-class PartitionLoss(nn.Module):
+class PartitionLoss(NotScriptable, nn.Module):
     r"""Partition loss: make attention heads attend to different things (paper Eq. 6).
 
     ``variant="paper"`` (default) is Eq. 6, a mean of logarithms over samples and
@@ -235,7 +248,8 @@ class PartitionLoss(nn.Module):
 
     Shape:
         - heads: $(B, K, *)$, heads on dim 1, the rest flattened; e.g. DAN's
-          $(B, K, C)$ or a ViT's $(B, K, T, D)$
+          $(B, K, C)$ or a ViT's $(B, K, T, D)$; $(B, K)$ is $K$ scalar heads,
+          the same as $(B, K, 1)$
         - output: $()$
 
     Example:
@@ -299,7 +313,7 @@ AffinityChoice = Literal["affinity", "center", "none"]
 PartitionChoice = Literal["paper", "official", "none"]
 
 
-class DANLoss(nn.Module):
+class DANLoss(NotScriptable, nn.Module):
     r"""DAN's training objective: cross-entropy + affinity loss + partition loss.
 
     $$\mathcal{L} = \mathrm{CE}(\text{logits}, y)
@@ -343,7 +357,7 @@ class DANLoss(nn.Module):
     Shape:
         - logits: $(B, N)$
         - feature_map: $(B, C, H, W)$ or pooled $(B, C)$
-        - heads: $(B, K, C)$
+        - heads: $(B, K, C)$ (any shape [`PartitionLoss`][dan_layers.PartitionLoss] takes)
         - labels: $(B,)$, integers in $[0, N)$
         - output: four 0-dim tensors
 
@@ -412,11 +426,11 @@ class DANLoss(nn.Module):
         self, logits: torch.Tensor, feature_map: torch.Tensor, heads: torch.Tensor, labels: torch.Tensor
     ) -> DANLossOutput:
         """The total loss and its parts; see the class docstring."""
-        if self.validate:
+        if self.validate and not is_proxy(logits):
             check_ndim(logits, "logits", (2,), "(B, N)")
             check_size(logits, 1, self.num_classes, "logits", "num_classes")
             check_labels(labels, logits.shape[0], self.num_classes)
-        with torch.autocast(device_type=logits.device.type, enabled=False):
+        with _autocast_off(logits):
             ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
             zero = ce.new_zeros(())
             af = zero if self.affinity is None else self.affinity(feature_map.float(), labels)

@@ -13,6 +13,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from module_helpers import randomize
 from torch import nn
 
 from dan_layers import (
@@ -22,7 +23,7 @@ from dan_layers import (
     SpatialAttention,
     reparameterize_model,
 )
-from dan_layers.attention import _HeadwiseConv2d
+from dan_layers._headwise import HeadwiseConv2d
 
 # ----------------------------------------------------------------------------- references
 
@@ -98,24 +99,6 @@ class AuthorsHeadsAndFusion(nn.Module):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@torch.no_grad()
-def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights, biases and BatchNorm running statistics (so eval-mode BN is not the identity)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-        if tensor.dtype == torch.long:
-            continue
-        rand = torch.rand(tensor.shape, generator=g, dtype=torch.float64)
-        if name.endswith("running_var"):
-            value = 0.5 + rand
-        elif name.endswith("weight") and tensor.ndim == 1:  # BatchNorm scale
-            value = 0.5 + rand
-        else:
-            value = (rand - 0.5) * (1.0 if tensor.ndim <= 1 else 2.0 / max(tensor[0].numel(), 1) ** 0.5)
-        tensor.copy_(value.to(tensor.dtype))
-    return module
 
 
 def per_head_forward(spatial, channel, x):
@@ -219,7 +202,7 @@ class TestSpatialAttention:
     def test_headwise_conv_equals_grouped_conv(self, groups, channels_last):
         # on CPU the grouped branch convolutions run group by group as dense convolutions: output and
         # every gradient must be those of the grouped convolution
-        conv = _HeadwiseConv2d(6, 9, (3, 1), padding=(1, 0), groups=groups, dtype=torch.float64)
+        conv = HeadwiseConv2d(6, 9, (3, 1), padding=(1, 0), groups=groups, dtype=torch.float64)
         x = torch.randn(4, 6, 5, 6, dtype=torch.float64)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -77,11 +77,13 @@ class TestDANHead:
         head = calibrate(DANHead(16, 5, num_heads=2, channel_reduction=4), torch.randn(6, 16, 4, 4))
         x = torch.randn(3, 16, 4, 4)
         expected = head(x)
-        reparameterize_model(head)
-        assert head.attention.is_reparameterized
-        got = head(x)
+        fast = reparameterize_model(head)
+        assert fast.attention.is_reparameterized and not head.attention.is_reparameterized
+        got = fast(x)
         torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got.heads, expected.heads, rtol=1e-4, atol=1e-5)
+        assert reparameterize_model(head, inplace=True) is head and head.attention.is_reparameterized
+        torch.testing.assert_close(head(x).logits, got.logits, rtol=0, atol=0)
 
     def test_gradcheck_eval_float64(self):
         head = DANHead(8, 3, num_heads=2, channel_reduction=4, dtype=torch.float64)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -30,7 +31,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import dan_layers.functional as DF
-from dan_layers import AffinityLoss, CenterLoss, PartitionLoss
+from dan_layers import AffinityLoss, CenterLoss, DANLoss, PartitionLoss
 
 # ----------------------------------------------------------------------------- references
 
@@ -754,9 +755,9 @@ class TestPartitionLoss:
 
 
 class TestPartitionLossExceptions:
-    def test_batch_by_heads_tensor(self):
-        with pytest.raises(ValueError, match=r"expected.*\(B, K, \.\.\.\).*got shape \(4, 3\)"):
-            PartitionLoss()(torch.randn(4, 3))
+    def test_one_dim_tensor(self):
+        with pytest.raises(ValueError, match=r"expected.*\(B, K\) or \(B, K, \.\.\.\).*got shape \(4,\)"):
+            PartitionLoss()(torch.randn(4))
 
     def test_unknown_variant(self):
         with pytest.raises(ValueError, match=r"expected one of \('paper', 'official'\), got 'authors'"):
@@ -771,12 +772,48 @@ class TestPartitionLossExceptions:
             PartitionLoss()(torch.ones(0, 3, 4))
 
     def test_validate_false_skips_the_shape_check(self):
-        heads = torch.randn(4, 3)
+        heads = torch.randn(4)
         with pytest.raises(ValueError):
             PartitionLoss()(heads)
-        # without validation a (B, K) tensor is taken as (B, K, 1)
-        got = PartitionLoss(validate=False)(heads)
-        torch.testing.assert_close(got, PartitionLoss()(heads.unsqueeze(-1)))
+        with pytest.raises(Exception) as info:  # torch's own error, not ours
+            PartitionLoss(validate=False)(heads)
+        assert "(B, K)" not in str(info.value)
+
+
+class TestPartitionLossScalarHeads:
+    """(B, K): K scalar heads per sample, the same loss as (B, K, 1), for the module and the function."""
+
+    @pytest.mark.parametrize("variant", ["paper", "official"])
+    @pytest.mark.parametrize("normalize", [False, True])
+    @pytest.mark.parametrize("unbiased", [True, False])
+    def test_equals_one_feature_per_head(self, variant, normalize, unbiased):
+        heads = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+        kwargs = {"variant": variant, "normalize": normalize, "unbiased": unbiased}
+        got = PartitionLoss(**kwargs)(heads)
+        want = PartitionLoss(**kwargs)(heads.unsqueeze(-1))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(DF.partition_loss(heads, **kwargs), want, rtol=0, atol=0)
+        (g_got,) = torch.autograd.grad(got, heads)
+        (g_want,) = torch.autograd.grad(want, heads)
+        torch.testing.assert_close(g_got, g_want, rtol=0, atol=0)
+
+    def test_equals_the_plain_loop(self):
+        heads = torch.randn(5, 3, dtype=torch.float64)
+        # Eq. 6 written out for one feature per head: the variance across the 3 heads of each sample
+        expected = sum(math.log1p(3 / (statistics.variance(row) + sys.float_info.epsilon))
+                       for row in heads.tolist()) / 5
+        torch.testing.assert_close(PartitionLoss()(heads), torch.tensor(expected, dtype=torch.float64))
+
+    def test_one_head_and_in_dan_loss(self):
+        assert PartitionLoss()(torch.randn(4, 1, requires_grad=True)).item() == 0.0
+        criterion = DANLoss(num_classes=3, feat_dim=8)
+        args = (torch.randn(4, 3), torch.randn(4, 8), torch.randn(4, 5), torch.tensor([0, 1, 2, 0]))
+        out = criterion(*args)
+        torch.testing.assert_close(out.partition, PartitionLoss()(args[2]))
+
+    def test_gradcheck_float64(self):
+        heads = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda h: PartitionLoss()(h), (heads,), fast_mode=True)
 
 
 def loop_partition_normalized(heads, *, variant, unbiased=True, eps=sys.float_info.epsilon):

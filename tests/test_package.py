@@ -29,6 +29,7 @@ DOCUMENTED = [
     "PartitionLoss",
     "SpatialAttention",
     "__version__",
+    "can_reparameterize",
     "functional",
     "reparameterize_model",
 ]
@@ -123,3 +124,25 @@ def test_private_validation_module_exports_nothing():
     from dan_layers import _validation
 
     assert _validation.__all__ == []
+
+
+def test_changelog_has_the_current_version_first():
+    changelog = ROOT / "CHANGELOG.md"
+    if not (ROOT / ".git").exists() and not changelog.is_file():
+        pytest.skip("not a git checkout, and CHANGELOG.md is not in it (an sdist)")
+    text = changelog.read_text(encoding="utf-8")
+    assert "Keep a Changelog" in text and "Semantic Versioning" in text
+    versions = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", text, flags=re.M)
+    assert versions and versions[0] == dan_layers.__version__, versions
+    assert dan_layers.__version__ == "0.2.0"
+    first = text.split(f"## [{versions[0]}]", 1)[1].split("\n## [", 1)[0]
+    # the change of default is said where users look first
+    assert "### Changed" in first and "reparameterize_model" in first and "inplace" in first
+
+
+def test_the_former_name_of_the_headwise_convolution_still_imports():
+    # benchmarks/_common.py imports it from dan_layers.attention
+    from dan_layers._headwise import HeadwiseConv2d
+    from dan_layers.attention import _HeadwiseConv2d
+
+    assert _HeadwiseConv2d is HeadwiseConv2d
