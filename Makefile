@@ -27,12 +27,12 @@ help:
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml dan_layers/__init__.py | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[test,examples,export,docs]"
 	@touch $(STAMP) $(DEMO_STAMP)
 
-$(DEMO_STAMP): pyproject.toml | $(PY)
+$(DEMO_STAMP): pyproject.toml dan_layers/__init__.py | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[examples]"
 	@touch $(DEMO_STAMP)
