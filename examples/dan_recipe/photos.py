@@ -1289,8 +1289,6 @@ class PhotoRun:
 
     def _done(self, source: Source) -> None:
         seen, expected = self._seen.pop(source.name, 0), self._expected[source.name]
-        if source.kind != "image" and seen:
-            self.counts["streams" if source.kind == "stream" else "videos"] += 1
         if seen != expected and not self.live:  # a video shorter or longer than its header says, or skipped
             self.bar.total += seen - expected
             self.bar.refresh()
@@ -1309,6 +1307,8 @@ class PhotoRun:
                 return
             self._seen[picture.source] = self._seen.get(picture.source, 0) + 1
             self.counts["frames" if picture.frame is not None else "images"] += 1
+            if picture.frame is not None and self._seen[picture.source] == 1:
+                self.counts["streams" if picture.live else "videos"] += 1
             for message in self._held:
                 self.log(message)
             self._held.clear()
