@@ -132,6 +132,11 @@ class Source:
         kind: ``"image"`` or ``"video"`` (by the file name's ending), or
             ``"stream"`` (a URL or a camera, read until it ends or Ctrl-C).
         camera: The camera's index for ``--camera N``, else ``None``.
+        url: The URL as given (``rtsp://...``, ``file:///...``), else ``None``.
+
+    Example:
+        >>> Source(Path("rtsp://cam/live"), "stream", url="rtsp://cam/live").name
+        'rtsp://cam/live'
     """
 
     path: Path
@@ -288,7 +293,10 @@ class _QuietStderr:
     def __enter__(self) -> _QuietStderr:
         with contextlib.suppress(AttributeError, ValueError, OSError):
             sys.stderr.flush()
-        self._saved = os.dup(2)
+        try:
+            self._saved = os.dup(2)
+        except OSError:  # no fd 2 at all (a daemon): nothing to keep off it
+            return self
         os.dup2(self._file.fileno(), 2)
         return self
 
