@@ -1127,8 +1127,8 @@ def add_shared_flags(parser: argparse.ArgumentParser, *, batch_size: int, camera
         default=None,
         metavar="PX",
         help=f"smallest face looked for, in the picture's pixels; auto (default): "
-        f"{AUTO_MIN_FACE_SHARE:.0%} of its shorter side, at least {DEFAULT_MIN_FACE} px (54 px on 1920 x 1080, "
-        f"{DEFAULT_MIN_FACE} on 640 x 480); smaller is slower (time grows as 1 / PX^2)",
+        f"{100 * AUTO_MIN_FACE_SHARE:g}%% of its shorter side, at least {DEFAULT_MIN_FACE} px (54 px on "
+        f"1920 x 1080, {DEFAULT_MIN_FACE} on 640 x 480); smaller is slower (time grows as 1 / PX^2)",
     )
     g.add_argument(
         "--margin",

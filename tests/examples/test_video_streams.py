@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 
+import explain
 import numpy as np
 import predict
 import pytest
@@ -147,3 +148,13 @@ def test_streams_and_cameras_are_sources_and_their_frames_are_batched_alone():
     live = [recipe_photos.FacesInPicture(recipe_photos.Picture("s", i, 0.0, np.zeros((1, 1, 3)), True))
             for i in range(3)]  # fmt: skip
     assert [len(g) for g in recipe_photos.group_for_batches(live, 16)] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("main", [predict.main, explain.main], ids=["predict", "explain"])
+def test_help_shows_the_new_flags(main, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0
+    assert "auto (default): 5% of its shorter side" in text and "--confirm-frames N" in text
+    assert ("--camera N" in text) == (main is predict.main)
