@@ -7,14 +7,17 @@ Usage (see ``--help`` for every flag)::
     python examples/predict.py photos/ clip.mp4 --every 10 --out faces.csv --annotate annotated/ \\
         --checkpoint runs/raf/best.pt
     python examples/predict.py 'crops/**/*.jpg' --no-detect --checkpoint best.pt --out crops.jsonl
+    python examples/predict.py --camera 0 --checkpoint best.pt            # until Ctrl-C
 
 Follow one picture: :mod:`dan_recipe.photos` reads it, finds its faces and
 classifies their crops in batches (re-parameterized, channels-last; ``--no-fast``
 for the plain eval model); :mod:`dan_recipe.records` writes one JSON Lines record
 per face on stdout, or ``--out FILE.jsonl`` / ``FILE.csv`` (replaced only with
 ``--overwrite``). Unreadable files are reported, skipped and counted in the closing
-line on stderr. A mistake in a flag or input ends the command with status 1 and one
-line ``error: ...``.
+line on stderr, with the time of each stage (decode, detect, classify, write). A
+camera (``--camera N``) or a URL is read frame by frame, each frame's records written
+at once, until it ends or Ctrl-C (status 0). A mistake in a flag or input ends the
+command with status 1 and one line ``error: ...``.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ _EXAMPLES = """examples:
   python examples/predict.py photos/ clip.mp4 --every 10 --checkpoint rafdb_epoch21_acc0.897_bacc0.8532.pth \\
       --labels rafdb --out faces.csv --annotate annotated/
   python examples/predict.py 'crops/**/*.jpg' --no-detect --checkpoint best.pt --out crops.jsonl
+  python examples/predict.py --camera 0 --checkpoint best.pt        # frame by frame until Ctrl-C
+  python examples/predict.py rtsp://192.168.1.20:554/stream --every 5 --checkpoint best.pt
 
 Output: one record per face (JSON Lines on stdout by default, or --out FILE.jsonl / FILE.csv):
 source, frame (video frame index; null for images), time_s, face (index in the picture),
@@ -74,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "DAN checkpoint.",
         _EXAMPLES,
         batch_size=16,
+        camera=True,
     )
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="FILE", help="FILE.jsonl or FILE.csv (default: JSON Lines on stdout)")
@@ -143,19 +149,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     check_shared_flags(args)
     check_output_file(args.out, args.overwrite)
-    sources = expand_inputs(args.inputs)
+    sources = expand_inputs(args.inputs, args.camera)
     annotate = None
     if args.annotate:
         annotate = (prepare_output_folder(args.annotate, "--annotate", overwrite=args.overwrite), OutputNames())
     run = PhotoRun("predict", sources, args.every, args.progress)
     _, info, classifier = open_model(args, run.log)
     detector = make_detector(args)
-    with open_records(args.out, info.class_names, overwrite=args.overwrite) as writer:
+    with open_records(args.out, info.class_names, overwrite=args.overwrite, live=run.live) as writer:
         with run.interruptible(f"{args.out or 'stdout'} holds the records of the pictures done so far"):
             for group in run.face_groups(detector, args.margin, args.batch_size):
                 crops = [crop for item in group for crop in item.crops]
-                probabilities = classifier.classify(crops, args.batch_size)
-                _write_group(group, probabilities, info.class_names, writer, annotate)
+                with run.stage("classify"):
+                    probabilities = classifier.classify(crops, args.batch_size)
+                with run.stage("write"):
+                    _write_group(group, probabilities, info.class_names, writer, annotate)
         wrote = (args.out or "stdout") + (f" and {args.annotate}" if args.annotate else "")
         return run.finish(wrote)  # inside the block: a run that read nothing leaves no --out file
 

@@ -42,6 +42,10 @@ def test_all_benchmarks_run_quick_and_report(tmp_path):
     photos = json.loads((tmp_path / "predict.json").read_text())
     assert {r["variant"] for r in photos["rows"]} == {"fast", "plain"}
     assert photos["summary"]["logits_rel_err_fast_vs_plain"] < 1e-4
+    # today's detection path and the new one, side by side, on the pictures and the test video
+    assert {(r["scene"], r["path"]) for r in photos["scenes"]} >= {("video", "today"), ("video", "new")}
+    assert all(r["real_faces"] == r["pictures"] for r in photos["scenes"] if r["path"] == "new")
+    assert photos["quality"]["rows"][0]["faces"] > 0
     md = (tmp_path / "RESULTS.md").read_text()
     for name in SCRIPTS:
         assert (tmp_path / f"{name}.png").stat().st_size > 0

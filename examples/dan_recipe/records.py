@@ -178,13 +178,17 @@ def check_output_file(path: str | None, overwrite: bool) -> str | None:
 
 
 @contextlib.contextmanager
-def open_records(path: str | None, class_names: Sequence[str], *, overwrite: bool) -> Iterator[RecordWriter]:
+def open_records(
+    path: str | None, class_names: Sequence[str], *, overwrite: bool, live: bool = False
+) -> Iterator[RecordWriter]:
     """A writer for ``--out`` (stdout when ``None`` or ``"-"``), JSON Lines or CSV by the file's ending.
 
     A file is written to a temporary name in its folder and renamed onto ``path``
     when the block ends normally or by Ctrl-C (the records written so far are
     kept); on any other error the temporary file is removed and ``path`` is left
-    as it was. An existing ``path`` is replaced only with ``overwrite``.
+    as it was. With ``live`` (a camera or stream, read until Ctrl-C) the records
+    go straight into ``path``, each flushed as it comes. An existing ``path`` is
+    replaced only with ``overwrite``.
 
     Raises:
         UsageError: See :func:`check_output_file`.
@@ -194,6 +198,10 @@ def open_records(path: str | None, class_names: Sequence[str], *, overwrite: boo
         yield _JsonLinesWriter(sys.stdout)
         return
     target = Path(path)
+    if live:
+        with open(target, "w", encoding="utf-8", newline="") as stream:
+            yield _CsvWriter(stream, class_names) if fmt == "csv" else _JsonLinesWriter(stream)
+        return
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     umask = os.umask(0o022)
     os.umask(umask)

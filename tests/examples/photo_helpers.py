@@ -3,7 +3,8 @@
 * Photographs come from scikit-image's sample data (shipped inside the package, no
   download): ``astronaut()`` is a portrait with one frontal face (Haar box about
   95 px at x=177, y=66 of 512 x 512), ``coffee()`` a cup without a face.
-  :func:`two_faces` puts the astronaut's face twice side by side.
+  :func:`two_faces` puts the astronaut's face twice side by side. The pictures and
+  the test video that the benchmark shares live in :mod:`photo_scenes`.
 * :func:`write_video` writes a short MJPG ``.avi`` with OpenCV (the codec every
   OpenCV wheel can write and read).
 * :func:`save_our_checkpoint` writes a checkpoint in the recipe's format
@@ -31,18 +32,11 @@ if str(EXAMPLES) not in sys.path:
 
 from dan_recipe import model as recipe_model  # noqa: E402
 from dan_recipe import train, utils  # noqa: E402
+from photo_scenes import ASTRONAUT_FACE, astronaut, write_video  # noqa: E402
 
 CLASS_NAMES = ("calm", "joy", "gloom")
 #: Flags every command test passes: the CPU, one thread, no progress bar.
 QUIET_CPU = ["--device", "cpu", "--threads", "1", "--no-progress"]
-#: Where the cascade finds the astronaut's face (x, y, w, h), within a few pixels.
-ASTRONAUT_FACE = (177, 66, 95, 95)
-
-
-def astronaut() -> np.ndarray:
-    from skimage import data
-
-    return np.ascontiguousarray(data.astronaut())
 
 
 def coffee() -> np.ndarray:
@@ -62,20 +56,6 @@ def save_image(path: Path, rgb: np.ndarray) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(path)
-    return path
-
-
-def write_video(path: Path, frames: Sequence[np.ndarray], fps: float = 10.0) -> Path:
-    """An MJPG ``.avi`` of RGB ``frames`` (all the same size)."""
-    import cv2
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    height, width = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
-    assert writer.isOpened(), "OpenCV cannot write MJPG"
-    for frame in frames:
-        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    writer.release()
     return path
 
 

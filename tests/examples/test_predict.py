@@ -190,7 +190,7 @@ def _mistake(name: str, tmp, photos, ours) -> tuple[list[str], list[str]]:
         ]
     if name == "nothing readable":
         (tmp / "broken.jpg").write_bytes(b"nope")
-        return [str(tmp / "broken.jpg"), "--checkpoint", str(ours)], ["none of the 1 files", "broken.jpg"]
+        return [str(tmp / "broken.jpg"), "--checkpoint", str(ours)], ["nothing could be read", "broken.jpg"]
     raise AssertionError(name)
 
 
