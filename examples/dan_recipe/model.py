@@ -496,7 +496,7 @@ _BACKBONE_TO_FEATURE = {v: k for k, v in _FEATURE_INDEX.items()}
 _HEAD_RE = re.compile(r"^cat_head(\d+)\.(sa|ca)\.(.+)$")
 
 
-def _head_modules(model: DAN) -> tuple[list[nn.Module], list[nn.Module]]:
+def _head_modules(model: DAN) -> tuple[list[dan_layers.SpatialAttention], list[dan_layers.ChannelAttention]]:
     """Fresh per-head SpatialAttention / ChannelAttention modules shaped like ``model``'s."""
     c = model.head.fusion.fc.in_features
     spatial = [
