@@ -1,35 +1,40 @@
-"""What do DAN's heads learn? An ablation grid over seeds on the built-in synthetic faces.
+"""What do DAN's heads learn? An ablation over seeds on the built-in synthetic faces.
 
-A grid around DAN's defaults (4 heads, affinity loss, partition loss "paper"),
-one factor at a time:
+Three studies, every run trained from scratch by ``examples/train_dan.py`` on the
+synthetic faces at 112 px (ResNet-18's feature map, and so every attention map,
+has 4 x 4 cells), with everything but the schedule fixed in ``SETTINGS``:
 
-* partition: none / paper (Eq. 6) / official (the authors' code) / normalize
-  (ours: Eq. 6 on unit-RMS heads), at 4 heads with the affinity loss;
-* heads: 1, 2, 4, 8, with the affinity loss and partition "paper";
-* feature loss: affinity / center / none, at 4 heads with partition "paper".
+* **grid**, 4 epochs, seeds 0-2: one factor at a time around DAN's defaults
+  (4 heads, affinity loss, partition loss "paper"): partition none / paper (Eq. 6)
+  / official (the authors' code) / normalize (ours: Eq. 6 on unit-RMS heads);
+  heads 1, 2, 4, 8; feature loss affinity / center / none (9 configurations);
+* **partition**: the rows none / paper / normalize (4 heads, affinity loss) with
+  8 seeds (0-7) at the grid's 4 epochs and 5 seeds (0-4) at 10 epochs, compared
+  seed by seed (paired differences with a 95% t interval);
+* **two heads**: K = 2 with partition none / normalize at 4 epochs, and none /
+  paper / normalize at 10 epochs, 3 seeds (does the K = 2 failure persist?).
 
-That is 9 configurations, each trained from scratch with ``--seeds`` (3 by default)
-by ``examples/train_dan.py`` on the synthetic faces at 112 px, where ResNet-18's
-feature map, and so every attention map, has 4 x 4 cells. Everything else is
-fixed in ``SETTINGS`` below (chosen so that the whole grid takes about 90 minutes
-on this project's 2-core machine) and recorded in the JSON.
+A run's seed fixes its faces, its initial weights and its batches, so two
+configurations run with one seed differ only in the configuration.
 
-Each finished run is cached in ``benchmarks/results/ablation.json`` (written after
-every run), so an interrupted grid resumes where it stopped; a cached run is reused
-only if its settings equal today's. The JSON holds ``runs`` (config, seed, final
-test metrics, the per-epoch training partition loss) and ``summary`` (per
-configuration: mean and sample std over the seeds of accuracy, balanced accuracy,
-``head_overlap``, the partition loss and the heads' feature norm).
+Each finished run is cached in ``benchmarks/results/ablation.json`` (rewritten
+after every run), so an interrupted plan resumes where it stopped; a cached run is
+reused only if its settings equal today's. The JSON holds ``plan``, ``runs``
+(config with ``epochs``, seed, final test metrics, the per-epoch training
+partition loss, wall time and host), ``summary`` (per configuration: mean and
+sample std over the seeds, failures = runs below 70% accuracy) and ``paired``
+(per schedule and pair of partition settings: the seed-by-seed differences).
 
-    python benchmarks/ablation.py                 # run (or finish) the grid
-    python benchmarks/ablation.py --extra         # the diagnostic runs outside the grid (EXTRA)
-    python benchmarks/ablation.py --docs          # regenerate docs/ablation.md's tables and plots
+    python benchmarks/ablation.py                 # run (or finish) every planned run
+    python benchmarks/ablation.py --dry-run       # list what is still to run
+    python benchmarks/ablation.py --docs          # regenerate the JSON's summary, docs/ablation.md, plots
     python benchmarks/ablation.py --quick         # 2 tiny runs into a scratch folder (smoke test)
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
 import math
 import os
@@ -49,38 +54,47 @@ DOCS_PAGE = ROOT / "docs" / "ablation.md"
 ASSETS = ROOT / "docs" / "assets"
 TRAIN = ROOT / "examples" / "train_dan.py"
 
-#: What every run shares (flags of train_dan.py). 1,200 faces x 4 epochs at 112 px is
-#: about 3 minutes of 2-thread training per run, 27 runs about 90 minutes.
+#: What every run shares (flags of train_dan.py); the schedule is ``config["epochs"]``.
+#: 1,200 faces x 4 epochs at 112 px is about 3 minutes of 2-thread training on an idle
+#: 2-core machine, 10 epochs about 7 minutes.
 SETTINGS: dict[str, Any] = {
     "preset": "demo",
     "image_size": 112,
     "synthetic_train": 1200,
     "synthetic_test": 400,
     "val_fraction": 0.0,
-    "epochs": 4,
     "batch_size": 32,
     "threads": 2,
 }
 QUICK_SETTINGS: dict[str, Any] = {**SETTINGS, "image_size": 48, "synthetic_train": 64, "synthetic_test": 32,
-                                  "epochs": 1, "batch_size": 16, "threads": 1}  # fmt: skip
+                                  "batch_size": 16, "threads": 1}  # fmt: skip
+GRID_EPOCHS, LONG_EPOCHS = 4, 10
 
-DEFAULT = {"partition": "paper", "num_heads": 4, "affinity": "affinity"}
-#: The grid: one factor at a time around DAN's defaults.
+DEFAULT = {"partition": "paper", "num_heads": 4, "affinity": "affinity", "epochs": GRID_EPOCHS}
+#: The grid: one factor at a time around DAN's defaults, at GRID_EPOCHS.
 FACTORS: dict[str, tuple[Any, ...]] = {
     "partition": ("none", "paper", "official", "normalize"),
     "num_heads": (1, 2, 4, 8),
     "affinity": ("affinity", "center", "none"),
 }
-#: Outside the grid: do two heads collapse because of the partition loss? (``--extra``)
-EXTRA: tuple[dict[str, Any], ...] = (
-    {"partition": "none", "num_heads": 2, "affinity": "affinity"},
-    {"partition": "normalize", "num_heads": 2, "affinity": "affinity"},
-)
+GRID_SEEDS = (0, 1, 2)
+#: The partition study: these rows (4 heads, affinity loss), seeds per schedule.
+PARTITION_ROWS = ("none", "paper", "normalize")
+PARTITION_SEEDS: dict[int, tuple[int, ...]] = {GRID_EPOCHS: tuple(range(8)), LONG_EPOCHS: tuple(range(5))}
+#: Paired comparisons (a, b) of the partition study: b - a, seed by seed.
+PAIRS = (("paper", "normalize"), ("none", "paper"), ("none", "normalize"))
+#: Two heads (affinity loss): partition settings per schedule (the 4-epoch "paper" row is the grid's).
+TWO_HEADS: dict[int, tuple[str, ...]] = {GRID_EPOCHS: ("none", "normalize"),
+                                         LONG_EPOCHS: ("none", "paper", "normalize")}  # fmt: skip
+TWO_HEADS_SEEDS = (0, 1, 2)
+#: A run that ends below this test accuracy counts as failed (chance is 1/7).
+FAILED_BELOW = 0.70
 METRICS = ("accuracy", "balanced_accuracy", "head_overlap", "partition", "head_norm")
+SCHEMA = 2  # 1: epochs in "settings", two-head runs in "extra_runs"; 2: config["epochs"], one "runs" list
 
 
 def grid() -> list[dict[str, Any]]:
-    """The configurations, DAN's default first, each once."""
+    """The grid's configurations, DAN's default first, each once."""
     configs = [dict(DEFAULT)]
     for factor, values in FACTORS.items():
         for value in values:
@@ -90,8 +104,49 @@ def grid() -> list[dict[str, Any]]:
     return configs
 
 
+def plan() -> list[dict[str, Any]]:
+    """Every planned configuration with its study and seeds, in the order they run (grid first)."""
+    entries = [{"study": "grid", "config": c, "seeds": list(GRID_SEEDS)} for c in grid()]
+    for epochs, seeds in PARTITION_SEEDS.items():
+        for partition in PARTITION_ROWS:
+            config = {**DEFAULT, "partition": partition, "epochs": epochs}
+            entries.append({"study": "partition", "config": config, "seeds": list(seeds)})
+    for epochs, partitions in TWO_HEADS.items():
+        for partition in partitions:
+            config = {**DEFAULT, "partition": partition, "num_heads": 2, "epochs": epochs}
+            entries.append({"study": "two_heads", "config": config, "seeds": list(TWO_HEADS_SEEDS)})
+    return entries
+
+
+def configs() -> list[dict[str, Any]]:
+    """The distinct planned configurations, in plan order."""
+    out: list[dict[str, Any]] = []
+    for entry in plan():
+        if entry["config"] not in out:
+            out.append(entry["config"])
+    return out
+
+
+def planned_runs() -> list[tuple[dict[str, Any], int]]:
+    """Every planned (config, seed) once, in running order: by study, then schedule, then seed.
+
+    Seed-major order inside a study makes the configurations of a seed finish together, so
+    a stopped plan leaves complete pairs.
+    """
+    order = {"grid": 0, "partition": 1, "two_heads": 2}
+    keyed: dict[str, tuple[tuple[int, int, int, int], dict[str, Any], int]] = {}
+    for i, entry in enumerate(plan()):
+        for seed in entry["seeds"]:
+            name = run_name(entry["config"], seed)
+            key = (order[entry["study"]], entry["config"]["epochs"], seed, i)
+            if name not in keyed or key < keyed[name][0]:
+                keyed[name] = (key, entry["config"], seed)
+    return [(config, seed) for _, config, seed in sorted(keyed.values(), key=lambda t: t[0])]
+
+
 def run_name(config: Mapping[str, Any], seed: int) -> str:
-    return f"partition-{config['partition']}_heads-{config['num_heads']}_{config['affinity']}_seed-{seed}"
+    return (f"partition-{config['partition']}_heads-{config['num_heads']}_{config['affinity']}"
+            f"_epochs-{config['epochs']}_seed-{seed}")  # fmt: skip
 
 
 def train_flags(config: Mapping[str, Any], seed: int, settings: Mapping[str, Any], out: Path) -> list[str]:
@@ -101,7 +156,7 @@ def train_flags(config: Mapping[str, Any], seed: int, settings: Mapping[str, Any
         "--data", "synthetic", "--preset", settings["preset"], "--image-size", str(settings["image_size"]),
         "--synthetic-train", str(settings["synthetic_train"]),
         "--synthetic-test", str(settings["synthetic_test"]),
-        "--val-fraction", str(settings["val_fraction"]), "--epochs", str(settings["epochs"]),
+        "--val-fraction", str(settings["val_fraction"]), "--epochs", str(config["epochs"]),
         "--batch-size", str(settings["batch_size"]), "--threads", str(settings["threads"]),
         "--num-heads", str(config["num_heads"]), "--affinity", config["affinity"],
         "--partition", "paper" if partition == "normalize" else partition,
@@ -113,7 +168,7 @@ def train_flags(config: Mapping[str, Any], seed: int, settings: Mapping[str, Any
 
 
 def result_of(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """What the grid keeps of a run's metrics.json: the final test metrics and the epochs' losses."""
+    """What the ablation keeps of a run's metrics.json: the final test metrics and the epochs' losses."""
     final = metrics["final"]
     return {
         **{k: final.get(k) for k in METRICS},
@@ -125,26 +180,47 @@ def result_of(metrics: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name:")),
+                "unknown")  # fmt: skip
+
+
+def _load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
 def run_one(config: Mapping[str, Any], seed: int, settings: Mapping[str, Any], work: Path, *,
             keep: bool) -> dict[str, Any]:  # fmt: skip
-    """Train one configuration with one seed; return its record (checkpoints removed unless ``keep``)."""
+    """Train one configuration with one seed; return its record (checkpoints removed unless ``keep``).
+
+    ``host`` records the CPU and the 1/5/15-minute load average before and after: the
+    machine is shared, so wall times are comparable only at similar load.
+    """
     out = work / run_name(config, seed)
     cmd = [sys.executable, str(TRAIN), *train_flags(config, seed, settings, out)]
+    load_before = _load()
     started = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
         raise RuntimeError(f"{run_name(config, seed)} failed (status {done.returncode}):\n" + "\n".join(tail))
+    wall = round(time.perf_counter() - started, 1)
     metrics = json.loads((out / "metrics.json").read_text())
     if not keep:
         for name in ("last.pt", "best.pt"):
             (out / name).unlink(missing_ok=True)
-    return {"name": run_name(config, seed), "config": dict(config), "seed": seed,
-            "wall_seconds": round(time.perf_counter() - started, 1), **result_of(metrics)}  # fmt: skip
+    host = {"cpu": _cpu_model(), "load_before": load_before, "load_after": _load(),
+            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    return {"name": run_name(config, seed), "config": dict(config), "seed": seed, "wall_seconds": wall,
+            **result_of(metrics), "host": host}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
-# Summary
+# Statistics: summary, Student's t, paired differences
 # --------------------------------------------------------------------------------------
 
 
@@ -156,20 +232,100 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
 
 
 def summarise(
-    runs: Iterable[Mapping[str, Any]], configs: Sequence[Mapping[str, Any]] | None = None
+    runs: Iterable[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]] | None = None
 ) -> list[dict[str, Any]]:
-    """One row per configuration (in grid order): n_seeds and mean / std of every metric."""
-    rows = []
+    """One row per configuration (in plan order): seeds, mean / std of every metric, failures."""
+    out = []
     runs = list(runs)
-    for config in grid() if configs is None else configs:
+    for config in configs() if rows is None else rows:
         mine = [r for r in runs if r["config"] == config]
         if not mine:
             continue
-        row: dict[str, Any] = {"config": config, "n_seeds": len(mine), "seeds": sorted(r["seed"] for r in mine)}
+        row: dict[str, Any] = {"config": dict(config), "n_seeds": len(mine),
+                               "seeds": sorted(r["seed"] for r in mine)}  # fmt: skip
         for metric in METRICS:
             row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([r[metric] for r in mine])
-        rows.append(row)
-    return rows
+        row["failures"] = sum(r["accuracy"] < FAILED_BELOW for r in mine)
+        row["failure_rate"] = row["failures"] / len(mine)
+        row["wall_seconds_mean"] = statistics.fmean(r["wall_seconds"] for r in mine)
+        out.append(row)
+    return out
+
+
+def t_central(t: float, df: int) -> float:
+    r"""$P(|T| \le t)$ for Student's $T$ with ``df`` degrees of freedom (exact for integer ``df``).
+
+    The finite series of Abramowitz & Stegun 26.7.3-4 in $\theta = \arctan(t / \sqrt{\nu})$:
+    odd $\nu$: $\frac{2}{\pi}(\theta + \sin\theta \sum_j a_j \cos^{2j+1}\theta)$,
+    $a_0 = 1$, $a_j = a_{j-1} \frac{2j}{2j+1}$, $j \le (\nu - 3)/2$;
+    even $\nu$: $\sin\theta \sum_j b_j \cos^{2j}\theta$, $b_0 = 1$,
+    $b_j = b_{j-1} \frac{2j-1}{2j}$, $j \le (\nu - 2)/2$.
+    """
+    if df < 1:
+        raise ValueError(f"df: expected an integer >= 1, got {df!r}")
+    theta = math.atan(abs(t) / math.sqrt(df))
+    s, c = math.sin(theta), math.cos(theta)
+    total, coef = 0.0, 1.0
+    if df % 2:
+        for j in range((df - 1) // 2):
+            coef = coef * (2 * j) / (2 * j + 1) if j else 1.0
+            total += coef * c ** (2 * j + 1)
+        return 2.0 / math.pi * (theta + s * total)
+    for j in range(df // 2):
+        coef = coef * (2 * j - 1) / (2 * j) if j else 1.0
+        total += coef * c ** (2 * j)
+    return s * total
+
+
+def t_quantile(level: float, df: int) -> float:
+    r"""The $t$ with $P(|T| \le t) = $ ``level`` (0.95 gives the 97.5th percentile), by bisection."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level: expected a probability in (0, 1), got {level!r}")
+    lo, hi = 0.0, math.pi / 2  # over theta, where t_central is increasing
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_central(math.sqrt(df) * math.tan(mid), df) < level else (lo, mid)
+    return math.sqrt(df) * math.tan((lo + hi) / 2)
+
+
+def paired(runs: Iterable[Mapping[str, Any]], a: Mapping[str, Any], b: Mapping[str, Any],
+           metric: str = "accuracy") -> dict[str, Any] | None:  # fmt: skip
+    """``metric`` of ``b`` minus that of ``a``, seed by seed, over the seeds both have.
+
+    Returns the seeds, the differences, their mean, sample std, 95% t interval of the
+    mean (None below 2 seeds) and how many seeds favour each side; None without a
+    shared seed.
+    """
+    runs = list(runs)
+    values_a = {r["seed"]: r[metric] for r in runs if r["config"] == a and r[metric] is not None}
+    values_b = {r["seed"]: r[metric] for r in runs if r["config"] == b and r[metric] is not None}
+    seeds = sorted(set(values_a) & set(values_b))
+    if not seeds:
+        return None
+    diffs = [values_b[s] - values_a[s] for s in seeds]
+    mean, std = _mean_std(diffs)
+    assert mean is not None and std is not None
+    n = len(diffs)
+    half = t_quantile(0.95, n - 1) * std / math.sqrt(n) if n > 1 else None
+    return {
+        "a": dict(a), "b": dict(b), "metric": metric, "seeds": seeds, "differences": diffs,
+        "mean": mean, "std": std, "ci95": None if half is None else [mean - half, mean + half],
+        "b_higher": sum(d > 0 for d in diffs), "a_higher": sum(d < 0 for d in diffs),
+        "equal": sum(d == 0 for d in diffs),
+    }  # fmt: skip
+
+
+def paired_all(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The partition study's paired differences: every schedule, pair and metric that has seeds."""
+    out = []
+    for epochs in PARTITION_SEEDS:
+        for metric in ("accuracy", "head_overlap"):
+            for a, b in PAIRS:
+                row = {**DEFAULT, "epochs": epochs}
+                result = paired(runs, {**row, "partition": a}, {**row, "partition": b}, metric)
+                if result is not None:
+                    out.append(result)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -177,208 +333,126 @@ def summarise(
 # --------------------------------------------------------------------------------------
 
 
-def load_cache(path: Path, settings: Mapping[str, Any], key: str = "runs") -> list[dict[str, Any]]:
-    """The finished runs (``key``: ``runs`` or ``extra_runs``) in ``path`` made with ``settings``."""
+def migrate(payload: dict[str, Any]) -> dict[str, Any]:
+    """Schema 1 -> 2: the schedule moves from ``settings`` into every run's config (and name), the
+    two-head runs from ``extra_runs`` into ``runs``; each run gets ``host`` (schema 1 kept one CPU
+    for the whole file, in ``env``). Schema 2 comes back as it is."""
+    if payload.get("schema") == SCHEMA:
+        return payload
+    settings = dict(payload.get("settings", {}))
+    epochs = settings.pop("epochs", GRID_EPOCHS)
+    cpu = payload.get("env", {}).get("cpu", "unknown")
+    runs = []
+    for run in [*payload.get("runs", []), *payload.get("extra_runs", [])]:
+        config = {**run["config"], "epochs": epochs}
+        runs.append({**run, "name": run_name(config, run["seed"]), "config": config,
+                     "host": run.get("host", {"cpu": cpu, "load_before": None, "load_after": None,
+                                              "finished": None})})  # fmt: skip
+    old = {"runs", "extra_runs", "summary", "extra_summary", "seeds", "grid"}
+    return {**{k: v for k, v in payload.items() if k not in old}, "schema": SCHEMA, "settings": settings,
+            "runs": runs}  # fmt: skip
+
+
+def load_cache(path: Path, settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The finished runs in ``path`` made with ``settings`` (an older schema is migrated)."""
     if not path.is_file():
         return []
-    payload = json.loads(path.read_text())
+    payload = migrate(json.loads(path.read_text()))
     if payload.get("settings") != dict(settings):
         print(f"{path}: made with other settings ({payload.get('settings')}); starting afresh")
         return []
-    return list(payload.get(key, []))
+    return list(payload.get("runs", []))
 
 
-def write_cache(
-    path: Path,
-    settings: Mapping[str, Any],
-    runs: list[dict[str, Any]],
-    seeds: Sequence[int],
-    extra_runs: list[dict[str, Any]] | None = None,
-) -> None:
-    """Rewrite ``path`` atomically with the runs so far and their summary (and the extra runs)."""
+def build_payload(settings: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The JSON: settings, plan, environment, every run, and what is derived from the runs."""
     sys.path.insert(0, str(HERE))
     import _common as C  # noqa: PLC0415 - torch is imported only once a run has finished
 
-    payload = {
+    position = {json.dumps(c, sort_keys=True): i for i, c in enumerate(configs())}
+    return {
         "name": "ablation",
+        "schema": SCHEMA,
         "question": "Do DAN's heads attend to different regions, thanks to the partition loss, "
-                    "and are 4 heads best? (synthetic faces, 112 px, mean and std over seeds)",
+                    "and are 4 heads best? (synthetic faces, 112 px, over seeds; partition settings "
+                    "compared seed by seed at two schedules)",
         "command": "python benchmarks/ablation.py",
         "settings": dict(settings),
-        "seeds": list(seeds),
-        "grid": grid(),
+        "failed_below": FAILED_BELOW,
+        "plan": plan(),
         "env": C.env_info(),
-        "runs": sorted(runs, key=lambda r: (grid().index(r["config"]), r["seed"])),
+        "runs": sorted(runs, key=lambda r: (position.get(json.dumps(r["config"], sort_keys=True), 1 << 30),
+                                            r["seed"])),  # fmt: skip
         "summary": summarise(runs),
+        "paired": paired_all(runs),
     }
-    if extra_runs:
-        payload["extra_runs"] = sorted(extra_runs, key=lambda r: (list(EXTRA).index(r["config"]), r["seed"]))
-        payload["extra_summary"] = summarise(extra_runs, EXTRA)
+
+
+def write_cache(path: Path, settings: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> None:
+    """Rewrite ``path`` atomically with ``runs`` and their summary."""
+    payload = build_payload(settings, runs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
 
 
-def run_grid(
-    settings: Mapping[str, Any], seeds: Sequence[int], cache: Path, work: Path, *, extra: bool = False
-) -> list[dict[str, Any]]:
-    """Run what ``cache`` lacks of the grid (or, with ``extra``, of :data:`EXTRA`), saving after each run."""
-    runs = load_cache(cache, settings)
-    extra_runs = load_cache(cache, settings, "extra_runs")
-    target = extra_runs if extra else runs
-    done = {r["name"] for r in target}
-    todo = [(c, s) for c in (EXTRA if extra else grid()) for s in seeds if run_name(c, s) not in done]
-    print(f"ablation: {len(done)} runs cached in {cache}, {len(todo)} to go")
+def save_run(path: Path, settings: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+    """Add ``record`` to the runs in ``path`` (read afresh, so edits made meanwhile are kept)."""
+    runs = [r for r in load_cache(path, settings) if r["name"] != record["name"]]
+    write_cache(path, settings, [*runs, dict(record)])
+
+
+def remaining(cache: Path, settings: Mapping[str, Any]) -> list[tuple[dict[str, Any], int]]:
+    """The planned (config, seed) pairs ``cache`` lacks, in running order."""
+    done = {r["name"] for r in load_cache(cache, settings)}
+    return [(c, s) for c, s in planned_runs() if run_name(c, s) not in done]
+
+
+def run_plan(settings: Mapping[str, Any], cache: Path, work: Path) -> None:
+    """Run what ``cache`` lacks of the plan, saving after each run."""
+    todo = remaining(cache, settings)
+    print(f"ablation: {len(planned_runs()) - len(todo)} planned runs cached in {cache}, {len(todo)} to go",
+          flush=True)  # fmt: skip
     for i, (config, seed) in enumerate(todo, 1):
-        keep = config == DEFAULT and seed == seeds[0]  # its checkpoint makes the README's picture
-        t0 = time.perf_counter()
+        keep = config == DEFAULT and seed == GRID_SEEDS[0]  # its checkpoint makes the docs' picture
         record = run_one(config, seed, settings, work, keep=keep)
-        target.append(record)
-        write_cache(cache, settings, runs, seeds, extra_runs)
+        save_run(cache, settings, record)
+        host = record["host"]
         print(f"[{i}/{len(todo)}] {record['name']}: acc {record['accuracy']:.4f} "
-              f"overlap {record['head_overlap']} ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-    return runs
-
-
-# --------------------------------------------------------------------------------------
-# The docs page
-# --------------------------------------------------------------------------------------
-
-TABLE_START, TABLE_END = "<!-- ablation-tables:start -->", "<!-- ablation-tables:end -->"
-
-
-def _fmt(mean: float | None, std: float | None, digits: int, percent: bool = False) -> str:
-    if mean is None:
-        return "n/a"
-    scale = 100.0 if percent else 1.0
-    return f"{mean * scale:.{digits}f} ± {(std or 0.0) * scale:.{digits}f}"
-
-
-def _fmt_small(mean: float | None, std: float | None) -> str:
-    """Three significant digits: the partition loss spans 1e-4 to 2."""
-    return "n/a" if mean is None else f"{mean:.3g} ± {(std or 0.0):.2g}"
-
-
-def _row(label: str, row: Mapping[str, Any]) -> str:
-    return (
-        f"| {label} | {row['n_seeds']} | "
-        f"{_fmt(row['accuracy_mean'], row['accuracy_std'], 1, True)} | "
-        f"{_fmt(row['balanced_accuracy_mean'], row['balanced_accuracy_std'], 1, True)} | "
-        f"{_fmt(row['head_overlap_mean'], row['head_overlap_std'], 3)} | "
-        f"{_fmt_small(row['partition_mean'], row['partition_std'])} | "
-        f"{_fmt(row['head_norm_mean'], row['head_norm_std'], 0)} |"
-    )
-
-
-_HEADER = (
-    "| {name} | seeds | accuracy % | balanced acc. % | head overlap | partition loss | head norm |\n"
-    "|---|---:|---:|---:|---:|---:|---:|"
-)
-
-
-def markdown_tables(payload: Mapping[str, Any]) -> str:
-    """The tables of docs/ablation.md: one per factor, DAN's default in every one."""
-    rows = payload["summary"]
-    out = []
-    titles = {"partition": "Partition loss (4 heads, affinity loss)",
-              "num_heads": "Number of heads (partition paper, affinity loss)",
-              "affinity": "Feature loss (4 heads, partition paper)"}  # fmt: skip
-    for factor, values in FACTORS.items():
-        out += [f"**{titles[factor]}**\n", _HEADER.format(name=factor)]
-        for value in values:
-            config = {**DEFAULT, factor: value}
-            row = next((r for r in rows if r["config"] == config), None)
-            if row is not None:
-                out.append(_row(f"`{value}`" + (" (DAN)" if config == DEFAULT else ""), row))
-        out.append("")
-    if payload.get("extra_summary"):
-        out += ["**Outside the grid: two heads (affinity loss)**\n", _HEADER.format(name="partition")]
-        out += [_row(f"`{r['config']['partition']}`", r) for r in payload["extra_summary"]]
-        out.append("")
-    s = payload["settings"]
-    out.append(
-        f"{len(payload['runs'])} runs in the grid"
-        + (f" and {len(payload['extra_runs'])} outside it" if payload.get("extra_runs") else "")
-        + f", all with {s['synthetic_train']} training and {s['synthetic_test']} test faces at "
-        f"{s['image_size']} px, {s['epochs']} epochs (preset `{s['preset']}`), seeds "
-        f"{', '.join(map(str, payload['seeds']))}; mean ± sample std over the seeds of the test split "
-        "after the last epoch. Head overlap: `dan_layers.functional.head_overlap` of the test maps "
-        "(1 = identical, 0 = disjoint; n/a for one head). Partition loss: the run's own term on "
-        "the test heads (0 where it is off). Head norm: mean L2 norm of a head's 512-vector before the "
-        "log-softmax."
-    )
-    return "\n".join(out) + "\n"
-
-
-def plot(payload: Mapping[str, Any], assets: Path) -> list[Path]:
-    """Accuracy and head overlap against the number of heads, and per partition variant."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    rows = payload["summary"]
-    paths = []
-    for factor, name in (("num_heads", "ablation_heads.png"), ("partition", "ablation_partition.png")):
-        values = [v for v in FACTORS[factor] if any(r["config"] == {**DEFAULT, factor: v} for r in rows)]
-        picked = [next(r for r in rows if r["config"] == {**DEFAULT, factor: v}) for v in values]
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        xs = list(range(len(values)))
-        for ax, metric, label in ((axes[0], "accuracy", "test accuracy (%)"),
-                                  (axes[1], "head_overlap", "head overlap (1 = same map)")):  # fmt: skip
-            means = [r[f"{metric}_mean"] for r in picked]
-            stds = [r[f"{metric}_std"] or 0.0 for r in picked]
-            scale = 100.0 if metric == "accuracy" else 1.0
-            pts = [(x, m * scale, s * scale) for x, m, s in zip(xs, means, stds, strict=True) if m is not None]
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", capsize=4)
-            for run in payload["runs"]:
-                if run["config"] in [{**DEFAULT, factor: v} for v in values] and run[metric] is not None:
-                    x = values.index(run["config"][factor])
-                    ax.plot(x + 0.08, run[metric] * scale, ".", color="gray", alpha=0.6)
-            ax.set_xticks(xs, [str(v) for v in values])
-            ax.set_xlabel({"num_heads": "heads", "partition": "partition loss"}[factor])
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-        fig.suptitle(f"mean ± std over {len(payload['seeds'])} seeds (dots: single runs)", fontsize=9)
-        fig.tight_layout()
-        path = assets / name
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def write_docs(cache: Path, page: Path, assets: Path) -> None:
-    """Put the tables from ``cache`` between the markers of ``page`` and redraw the plots."""
-    payload = json.loads(cache.read_text())
-    text = page.read_text()
-    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
-    page.write_text(text[:start] + "\n" + markdown_tables(payload) + text[end:])
-    for p in plot(payload, assets):
-        print(f"wrote {p}")
-    print(f"wrote {page}")
+              f"overlap {record['head_overlap']} ({record['wall_seconds']:.0f} s, "
+              f"load {host['load_before']} -> {host['load_after']})", flush=True)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--cache", type=Path, default=RESULTS / "ablation.json")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "ablation", help="the runs' folders")
-    p.add_argument("--docs", action="store_true", help="only regenerate docs/ablation.md from the cache")
+    p.add_argument("--docs", action="store_true",
+                   help="only rewrite the JSON's summary from its runs, the docs page and plots")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="list the planned runs the cache lacks")
     p.add_argument("--quick", action="store_true", help="2 tiny runs into a scratch folder (smoke test)")
-    p.add_argument("--extra", action="store_true", help="the runs outside the grid (EXTRA), same settings")
     args = p.parse_args(argv)
     if args.docs:
-        write_docs(args.cache, DOCS_PAGE, ASSETS)
+        import ablation_docs  # noqa: PLC0415 - matplotlib only for the page
+
+        write_cache(args.cache, SETTINGS, load_cache(args.cache, SETTINGS))
+        ablation_docs.write_docs(args.cache, DOCS_PAGE, ASSETS)
+        return 0
+    if args.dry_run:
+        todo = remaining(args.cache, SETTINGS)
+        for config, seed in todo:
+            print(run_name(config, seed))
+        print(f"{len(todo)} of {len(planned_runs())} planned runs to go")
         return 0
     if args.quick:
         work = args.work / "quick"
         shutil.rmtree(work, ignore_errors=True)
-        for config, seed in ((DEFAULT, 0), ({**DEFAULT, "partition": "normalize", "num_heads": 1}, 0)):
-            print(run_one(config, seed, QUICK_SETTINGS, work, keep=False))
+        tiny = {**DEFAULT, "epochs": 1}
+        for config in (tiny, {**tiny, "partition": "normalize", "num_heads": 1}):
+            print(run_one(config, 0, QUICK_SETTINGS, work, keep=False))
         return 0
-    run_grid(SETTINGS, args.seeds, args.cache, args.work, extra=args.extra)
+    run_plan(SETTINGS, args.cache, args.work)
     return 0
 
 
