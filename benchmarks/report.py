@@ -464,12 +464,11 @@ def render(results: dict[str, dict], folder: Path, images: Sequence[Path]) -> st
         lines.append(f"Full suite run by `benchmarks/run_all.py` in {rec.get('total_seconds', 0):.0f} s"
                      + (" (--quick)" if rec.get("quick") else "") + ".")
         lines.append("")
-    envs = {json.dumps({k: v for k, v in d["env"].items() if k in ("cpu", "torch", "device", "gpu")},
-                       sort_keys=True): d["env"] for d in results.values()}
-    lines.append("Machines:")
+    lines.append("Machines (each question was run on its own date, on the host and at the load it records):")
     lines.append("")
-    for env in envs.values():
-        lines.append(f"- {env_line(env)}")
+    for key, d in results.items():
+        question = SECTIONS[key.split("-", 1)[0]][0].split(".", 1)[0]
+        lines.append(f"- {question} ({key}): {env_line(d['env'])}")
     lines.append("")
     lines.append("Timing: the implementations being compared run in one process, interleaved (one call "
                  "of each per round, order rotated), after a warm-up round; the tables give medians and "
