@@ -157,18 +157,22 @@ def test_results_file_is_consistent_and_the_docs_page_is_generated_from_it():
         assert f"assets/{name}" in page
 
 
-def test_readme_ablation_numbers_are_the_pages():
-    """Every number in the README's ablation paragraph is in the generated tables (or is a setting)."""
+@pytest.mark.parametrize(
+    ("page", "start"),
+    [("README.md", r"\*\*Ablation\*\*"), ("docs/guides/partition-loss.md", r"What it does in training, measured")],
+)
+def test_quoted_ablation_numbers_are_the_pages(page, start):
+    """Every number in the paragraphs that quote the ablation is in the generated tables."""
     if not RESULTS.is_file():
         pytest.skip("the ablation has not been run in this checkout")
-    readme = (ROOT / "README.md").read_text()
-    match = re.search(r"^\*\*Ablation\*\*.*?(?=\n\n)", readme, flags=re.S | re.M)
-    assert match is not None, "README.md: no paragraph starting with **Ablation**"
+    text = (ROOT / page).read_text()
+    match = re.search(rf"^{start}.*?(?=\n\n)", text, flags=re.S | re.M)
+    assert match is not None, f"{page}: no paragraph starting with {start!r}"
     tables = ablation_docs.markdown_tables(json.loads(RESULTS.read_text()))
     numbers = re.findall(r"[+-]?\d+\.\d+", match.group(0))
-    assert numbers, "the README's ablation paragraph quotes no measured number"
+    assert numbers, f"{page}'s ablation paragraph quotes no measured number"
     missing = [n for n in numbers if n not in tables]
-    assert not missing, f"README numbers not in docs/ablation.md's tables: {missing}"
+    assert not missing, f"{page}: numbers not in docs/ablation.md's tables: {missing}"
 
 
 @pytest.mark.slow
