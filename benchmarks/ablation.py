@@ -10,8 +10,7 @@ has 4 x 4 cells), with everything but the schedule fixed in ``SETTINGS``:
   heads 1, 2, 4, 8; feature loss affinity / center / none (9 configurations);
 * **partition**: the rows none / paper / normalize (4 heads, affinity loss) with
   8 seeds (0-7) at the grid's 4 epochs, 3 seeds (0-2) at 7 and 5 seeds (0-4) at
-  10 epochs, compared
-  seed by seed (paired differences with a 95% t interval);
+  10 epochs, compared seed by seed (paired differences with a 95% t interval);
 * **two heads**: K = 2 with partition none / normalize at 4 epochs, and none /
   paper / normalize at 10 epochs, 3 seeds (does the K = 2 failure persist?).
 
