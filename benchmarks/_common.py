@@ -380,17 +380,17 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 def grouped_copy(block: torch.nn.Module) -> torch.nn.Module:
     """A deep copy of a dan-layers block that always runs the grouped convolutions.
 
-    On CPU the block's grouped convolutions (``_HeadwiseConv2d``) run each group as
+    On CPU the block's grouped convolutions (``HeadwiseConv2d``) run each group as
     a dense convolution; on CUDA they run as one grouped convolution. The copy's
     grouped convolutions are plain ``nn.Conv2d`` (same weights), so that a benchmark
     can show what the CPU path buys.
     """
     import copy
 
-    from dan_layers.attention import _HeadwiseConv2d
+    from dan_layers._headwise import HeadwiseConv2d
 
     clone = copy.deepcopy(block)
     for m in clone.modules():
-        if isinstance(m, _HeadwiseConv2d):
+        if isinstance(m, HeadwiseConv2d):
             m.__class__ = torch.nn.Conv2d
     return clone

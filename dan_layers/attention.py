@@ -56,9 +56,6 @@ __all__ = ["DAN_KERNEL_SIZES", "ChannelAttention", "MultiHeadAttentionBlock", "S
 #: The kernel sizes of DAN's parallel spatial-attention branches.
 DAN_KERNEL_SIZES: tuple[tuple[int, int], ...] = ((3, 3), (1, 3), (3, 1))
 
-#: The per-head grouped convolution under its former name (``benchmarks/_common.py`` imports it).
-_HeadwiseConv2d = HeadwiseConv2d
-
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 

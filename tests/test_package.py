@@ -138,11 +138,3 @@ def test_changelog_has_the_current_version_first():
     first = text.split(f"## [{versions[0]}]", 1)[1].split("\n## [", 1)[0]
     # the change of default is said where users look first
     assert "### Changed" in first and "reparameterize_model" in first and "inplace" in first
-
-
-def test_the_former_name_of_the_headwise_convolution_still_imports():
-    # benchmarks/_common.py imports it from dan_layers.attention
-    from dan_layers._headwise import HeadwiseConv2d
-    from dan_layers.attention import _HeadwiseConv2d
-
-    assert _HeadwiseConv2d is HeadwiseConv2d
