@@ -159,7 +159,10 @@ def test_results_file_is_consistent_and_the_docs_page_is_generated_from_it():
 
 @pytest.mark.parametrize(
     ("page", "start"),
-    [("README.md", r"\*\*Ablation\*\*"), ("docs/guides/partition-loss.md", r"What it does in training, measured")],
+    [
+        ("README.md", r"\*\*Ablation\*\*"),
+        ("docs/guides/partition-loss.md", r"What it does in training, measured"),
+    ],
 )
 def test_quoted_ablation_numbers_are_the_pages(page, start):
     """Every number in the paragraphs that quote the ablation is in the generated tables."""
