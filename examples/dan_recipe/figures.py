@@ -262,7 +262,7 @@ def head_figure(
                 ax.axhline(i * size / cells_h - 0.5, color="white", lw=0.5, alpha=0.6)
             for j in range(1, cells_w):
                 ax.axvline(j * size / cells_w - 0.5, color="white", lw=0.5, alpha=0.6)
-            what = kind if row == 0 else f"{kind} for {target_name}"
+            what = kind if row == 0 else f"{kind}\nfor {target_name}"  # a line of its own: names run long
             title = f"head {k}: {what}\n{cells_h}x{cells_w} cells" + (
                 ", too coarse for regions" if coarse else ""
             )

@@ -37,7 +37,7 @@ def test_the_head_figure_says_what_every_panel_is(cells):
     coarse = ", too coarse for regions" if cells <= figures.COARSE_CELLS else ""
     assert titles[0] == f"model input, {size} x {size} px\npredicted: joy 0.91"
     assert titles[1:] == [f"head {h}: attention\n{cells}x{cells} cells{coarse}" for h in range(k)] + [
-        f"head {h}: Grad-CAM++ for joy\n{cells}x{cells} cells{coarse}" for h in range(k)
+        f"head {h}: Grad-CAM++\nfor joy\n{cells}x{cells} cells{coarse}" for h in range(k)
     ]
     # the crop once, in colour, pixel for pixel; every map at its own resolution, over a grey face
     colour = [im for ax in fig.axes for im in ax.get_images() if im.get_array().ndim == 3]
@@ -53,6 +53,24 @@ def test_the_head_figure_says_what_every_panel_is(cells):
     caption = " ".join(t.get_text() for t in fig.texts)
     assert "Top: each head's spatial attention map" in caption and "Bottom: Grad-CAM++" in caption
     assert "numbered as in train_dan.py's attention_maps.png" in caption
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("heads", [4, 8])
+def test_the_head_figures_panel_titles_do_not_run_into_each_other(heads):
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    crop = rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)
+    maps = rng.random((heads, 2, 2))
+    fig = figures.head_figure(crop, maps, maps, predicted="predicted: Happiness 0.91", target_name="Happiness")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    panels = [ax for ax in fig.axes if ax.get_title().startswith("head ")]
+    for row in (panels[:heads], panels[heads:]):
+        boxes = [ax.title.get_window_extent(renderer) for ax in row]
+        for left, right in zip(boxes, boxes[1:]):
+            assert left.x1 < right.x0, f"titles overlap: {left} and {right}"
     plt.close(fig)
 
 
