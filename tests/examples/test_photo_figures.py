@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import explain
 import numpy as np
 import pytest
@@ -69,7 +71,7 @@ def test_the_head_figures_panel_titles_do_not_run_into_each_other(heads):
     panels = [ax for ax in fig.axes if ax.get_title().startswith("head ")]
     for row in (panels[:heads], panels[heads:]):
         boxes = [ax.title.get_window_extent(renderer) for ax in row]
-        for left, right in zip(boxes, boxes[1:]):
+        for left, right in itertools.pairwise(boxes):
             assert left.x1 < right.x0, f"titles overlap: {left} and {right}"
     plt.close(fig)
 
