@@ -40,6 +40,7 @@ from dan_recipe.figures import write_head_figure  # noqa: E402
 from dan_recipe.gradcam import HeadMaps, explain_heads, upsample_maps  # noqa: E402
 from dan_recipe.model import ModelInfo  # noqa: E402
 from dan_recipe.photos import (  # noqa: E402
+    SYNTHETIC_NOTE,
     FaceClassifier,
     FacesInPicture,
     PhotoRun,
@@ -135,7 +136,8 @@ class _Writer:
             pixels,
             attention.numpy(),
             maps.gradcam[row].numpy(),
-            predicted=f"predicted: {classes[best]} {probs[best]:.2f}",
+            predicted=f"predicted: {classes[best]} {probs[best]:.2f}"
+            + ("\n" + SYNTHETIC_NOTE.replace(": ", ":\n") if self.info.synthetic else ""),
             target_name=classes[target],
         )
         if self.save_maps:

@@ -35,6 +35,7 @@ if str(_HERE) not in sys.path:  # so that `import dan_recipe` works however this
     sys.path.insert(0, str(_HERE))
 
 from dan_recipe.photos import (  # noqa: E402
+    SYNTHETIC_NOTE,
     FacesInPicture,
     PhotoRun,
     check_shared_flags,
@@ -121,6 +122,7 @@ def _write_group(
     class_names: Sequence[str],
     writer: RecordWriter,
     annotate: tuple[Path, OutputNames] | None,
+    note: str | None = None,
 ) -> None:
     start = 0
     for item in group:
@@ -137,7 +139,7 @@ def _write_group(
                 if r.box and r.label and r.probabilities
             ]
             name = names.name(item.picture.source, item.picture.frame, None, ANNOTATION_SUFFIX)
-            write_annotated(folder / name, draw_faces(item.picture.rgb, faces))
+            write_annotated(folder / name, draw_faces(item.picture.rgb, faces, note=note))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -155,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         annotate = (prepare_output_folder(args.annotate, "--annotate", overwrite=args.overwrite), OutputNames())
     run = PhotoRun("predict", sources, args.every, args.progress)
     _, info, classifier = open_model(args, run.log)
+    note = SYNTHETIC_NOTE if info.synthetic else None
     detector = make_detector(args)
     with open_records(args.out, info.class_names, overwrite=args.overwrite, live=run.live) as writer:
         with run.interruptible(f"{args.out or 'stdout'} holds the records of the pictures done so far"):
@@ -163,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 with run.stage("classify"):
                     probabilities = classifier.classify(crops, args.batch_size)
                 with run.stage("write"):
-                    _write_group(group, probabilities, info.class_names, writer, annotate)
+                    _write_group(group, probabilities, info.class_names, writer, annotate, note)
         wrote = (args.out or "stdout") + (f" and {args.annotate}" if args.annotate else "")
         return run.finish(wrote)  # inside the block: a run that read nothing leaves no --out file
 

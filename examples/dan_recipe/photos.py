@@ -71,6 +71,7 @@ __all__ = [
     "DEFAULT_MIN_FACE",
     "DEFAULT_MIN_NEIGHBORS",
     "HAAR_FRONTAL_FACE",
+    "SYNTHETIC_NOTE",
     "SYNTHETIC_WARNING",
     "VIDEO_EXTENSIONS",
     "FaceClassifier",
@@ -1202,6 +1203,8 @@ def check_shared_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"expected auto or an int >= 1, got {args.threads}", subject="--threads")
 
 
+#: Drawn on every picture ``predict.py --annotate`` writes with such a model.
+SYNTHETIC_NOTE = "model of synthetic faces: labels mean nothing here"
 #: Said once by both photo commands for a model that learnt from the built-in synthetic faces only.
 SYNTHETIC_WARNING = (
     "warning: --checkpoint {checkpoint} learnt from synthetic cartoon faces only: its labels say nothing about "

@@ -257,6 +257,9 @@ def _label(out: np.ndarray, text: str, x: int, y: int, colour: tuple[int, int, i
     height, width = out.shape[:2]
     scale, stroke, _ = label_style(height, width)
     (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, stroke)
+    if tw + 2 * max(2, th // 4) > width:  # wider than the picture: smaller letters, never cut off
+        scale *= 0.95 * width / (tw + 2 * max(2, th // 4))
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, stroke)
     pad = max(2, th // 4)
     top = y - th - base - 2 * pad
     if top < 0:
@@ -267,16 +270,21 @@ def _label(out: np.ndarray, text: str, x: int, y: int, colour: tuple[int, int, i
                 cv2.LINE_AA)  # fmt: skip
 
 
-def draw_faces(rgb: np.ndarray, faces: Sequence[tuple[Box, str, float]]) -> np.ndarray:
+def draw_faces(
+    rgb: np.ndarray, faces: Sequence[tuple[Box, str, float]], *, note: str | None = None
+) -> np.ndarray:
     """A copy of ``rgb`` with every face's box and ``label probability`` drawn, or a "no face" mark.
 
     Text and lines are sized with the picture (:func:`label_style`). A picture
     without a face gets an orange "no face found" label in its top-left corner, so
-    an annotated folder never holds a picture that looks untouched.
+    an annotated folder never holds a picture that looks untouched; a ``note`` goes
+    on an orange strip in the bottom-left corner.
 
     Args:
         rgb: ``(H, W, 3)`` ``uint8`` picture.
         faces: ``(box, label, probability of the label)`` per face.
+        note: What the picture should say about its labels, e.g. that the model
+            learnt from synthetic faces only.
 
     Returns:
         The annotated copy.
@@ -290,6 +298,8 @@ def draw_faces(rgb: np.ndarray, faces: Sequence[tuple[Box, str, float]]) -> np.n
     for box, label, prob in faces:
         cv2.rectangle(out, (box.x, box.y), (box.x + box.w - 1, box.y + box.h - 1), _BOX_RGB, line)
         _label(out, f"{label} {prob:.2f}", box.x, box.y - line, _BOX_RGB, box.y + box.h + line)
+    if note:
+        _label(out, note, line, height, _NO_FACE_RGB, height)
     return out
 
 

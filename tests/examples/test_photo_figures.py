@@ -18,7 +18,7 @@ import explain
 import numpy as np
 import pytest
 import torch
-from dan_recipe import figures, records
+from dan_recipe import figures, photos, records
 from photo_helpers import QUIET_CPU, astronaut, coffee, run_cli, save_image, save_our_checkpoint
 
 
@@ -132,6 +132,42 @@ def test_a_picture_without_a_face_is_marked_and_faces_are_drawn(tmp_path):
     assert changed[:, 1].max() < 0.6 * empty.shape[1]
     face = records.draw_faces(astronaut(), [(records.Box(176, 65, 96, 96), "Happiness", 0.9)])
     assert (face[65, 176:272] != astronaut()[65, 176:272]).any()  # the box's top edge
+
+
+def test_a_note_goes_on_the_bottom_left_of_an_annotated_picture():
+    picture = astronaut()
+    face = [(records.Box(176, 65, 96, 96), "Happiness", 0.9)]
+    plain, noted = records.draw_faces(picture, face), records.draw_faces(picture, face, note="a note")
+    changed = np.argwhere((noted != plain).any(axis=2))
+    assert changed.size and changed[:, 0].min() > 0.85 * picture.shape[0]  # a strip at the bottom
+    assert changed[:, 1].max() < 0.6 * picture.shape[1]
+    long = "model of synthetic faces: labels mean nothing here"  # wider than a 512 px picture's letters
+    strip = records.draw_faces(picture, [], note=long)[-40:]
+    orange = np.argwhere((strip == records._NO_FACE_RGB).all(axis=2))  # the strip ends inside the picture
+    assert orange.size and orange[:, 1].max() < picture.shape[1] - 2  # (cut-off letters ran to the edge)
+
+
+@pytest.mark.parametrize("data", ["synthetic", "imagefolder"])
+def test_what_a_synthetic_model_draws_says_so_too(data, tmp_path, capsys, monkeypatch):
+    import predict
+
+    picture = save_image(tmp_path / "astronaut.png", astronaut())
+    ours = save_our_checkpoint(tmp_path / "best.pt", data=data)
+    notes, titles = [], []
+    draw = records.draw_faces
+    monkeypatch.setattr(
+        predict, "draw_faces", lambda rgb, faces, note=None: notes.append(note) or draw(rgb, faces)
+    )
+    monkeypatch.setattr(explain, "write_head_figure", lambda *a, predicted, **kw: titles.append(predicted))
+    argv = [str(picture), "--checkpoint", str(ours), *QUIET_CPU]
+    assert run_cli(predict.main, [*argv, "--annotate", str(tmp_path / "a")], capsys)[0] == 0
+    assert run_cli(explain.main, [*argv, "--out", str(tmp_path / "e")], capsys)[0] == 0
+    assert notes and titles
+    if data == "synthetic":
+        assert set(notes) == {photos.SYNTHETIC_NOTE}
+        assert all(t.endswith("model of synthetic faces:\nlabels mean nothing here") for t in titles)
+    else:
+        assert set(notes) == {None} and all(t.count("\n") == 0 for t in titles)
 
 
 @pytest.mark.parametrize("data", ["synthetic", "imagefolder"])
